@@ -1,0 +1,208 @@
+"""The agent protocol: system prompt, action grammar, `parse_action`, observations and the probe text.
+
+An assistant turn is `<think>…</think><search>query</search>` (a tool turn) or
+`<think>…</think><answer>text</answer>` (the final turn). After a search the environment appends the
+end of the assistant message, a user message `<information>…</information>`, and the next assistant
+header. All chat-template text comes from the tokenizer's own template (`ChatPieces`), so any chat
+template works; nothing here hard-codes Qwen strings.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from igpo.types import Doc, TurnKind
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+SYSTEM_PROMPT = (
+    "You are a research assistant. Think inside <think></think>. To look something up, write "
+    "<search>query</search> and read the results in <information></information>. When you know the "
+    "answer, write <answer>the answer</answer> with only the final words."
+)
+PROBE_THINK = "Now there's enough information to answer"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Tags and texts of the agent protocol. Defaults follow Search-R1/IGPO."""
+
+    system_prompt: str = SYSTEM_PROMPT
+    user_template: str = "Question: {question}"
+    think: tuple[str, str] = ("<think>", "</think>")
+    search: tuple[str, str] = ("<search>", "</search>")
+    answer: tuple[str, str] = ("<answer>", "</answer>")
+    information: tuple[str, str] = ("<information>", "</information>")
+    probe_think: str = PROBE_THINK
+    doc_template: str = "({rank}) {title}. {text}"
+
+    @property
+    def tags(self) -> list[str]:
+        return [*self.think, *self.search, *self.answer, *self.information]
+
+    @property
+    def stop_strings(self) -> list[str]:
+        """Strings that end an assistant action; generation stops right after them."""
+        return [self.search[1], self.answer[1]]
+
+    def messages(self, question: str) -> list[dict[str, str]]:
+        msgs = [{"role": "user", "content": self.user_template.format(question=question)}]
+        if self.system_prompt:
+            msgs.insert(0, {"role": "system", "content": self.system_prompt})
+        return msgs
+
+    def probe_prefix(self) -> str:
+        """Text after the assistant header before the gold answer (the IGPO pseudo-response)."""
+        return f"{self.think[0]}{self.probe_think}{self.think[1]}{self.answer[0]}"
+
+    def action(self, think: str, kind: TurnKind, content: str) -> str:
+        """Render an action (used by the scripted oracle and tests)."""
+        tag = self.search if kind == "search" else self.answer
+        return f"{self.think[0]}{think}{self.think[1]}{tag[0]}{content}{tag[1]}"
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: TurnKind
+    content: str
+    think: str = ""
+
+
+def parse_action(text: str, protocol: Protocol | None = None) -> Action:
+    """Parse one assistant turn strictly: a think block, then exactly one search or answer block.
+
+    Surrounding whitespace is allowed; anything else (missing or nested tags, text outside the tags,
+    an empty query) is `malformed`. Unlike the official code we do not accept an answer buried after
+    other text: the grammar is the contract the SFT data teaches.
+    """
+    p = protocol or Protocol()
+    m = _action_regex(p).fullmatch(text.strip())
+    if m is None:
+        return Action("malformed", "")
+    opening, closing = m.group("open"), m.group("close")
+    kind: TurnKind = "search" if opening == p.search[0] else "answer"
+    expected = p.search[1] if kind == "search" else p.answer[1]
+    content = m.group("content").strip()
+    if closing != expected or not content:
+        return Action("malformed", "", m.group("think"))
+    return Action(kind, content, m.group("think").strip())
+
+
+@functools.lru_cache(maxsize=16)
+def _action_regex(p: Protocol) -> re.Pattern[str]:
+    e = re.escape
+    free = "(?:(?!" + "|".join(e(t) for t in p.tags) + ").)*"  # text that contains no tag
+    return re.compile(
+        f"{e(p.think[0])}(?P<think>{free}){e(p.think[1])}\\s*"
+        f"(?P<open>{e(p.search[0])}|{e(p.answer[0])})(?P<content>{free})"
+        f"(?P<close>{e(p.search[1])}|{e(p.answer[1])})",
+        re.DOTALL,
+    )
+
+
+@dataclass(frozen=True)
+class ChatPieces:
+    """Chat-template text around messages, read off the tokenizer's own template.
+
+    assistant_end: text that closes an assistant message (ChatML: `<|im_end|>`).
+    user_open:     text between the end of an assistant message and a user message's content
+                   (ChatML: `\\n<|im_start|>user\\n`).
+    user_close:    text after a user message's content up to where the next assistant message's
+                   content starts, generation header included (ChatML: `<|im_end|>\\n<|im_start|>assistant\\n`).
+    """
+
+    assistant_end: str
+    user_open: str
+    user_close: str
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase, protocol: Protocol | None = None) -> ChatPieces:
+        p = protocol or Protocol()
+        a, u = "SENTINELASSISTANTTEXT", "SENTINELUSERTEXT"
+        base = p.messages("q")
+        text = tokenizer.apply_chat_template(
+            [*base, {"role": "assistant", "content": a}, {"role": "user", "content": u}],
+            tokenize=False, add_generation_prompt=True,
+        )
+        if a not in text or u not in text:
+            raise ValueError("ChatPieces: the chat template dropped message content; cannot derive pieces")
+        between = text[text.index(a) + len(a): text.index(u)]
+        after = text[text.index(u) + len(u):]
+        closed = tokenizer.apply_chat_template(
+            [*base, {"role": "assistant", "content": a}], tokenize=False, add_generation_prompt=False
+        )
+        tail = closed[closed.index(a) + len(a):]
+        assistant_end = tail.rstrip("\n ") or tail
+        if not between.startswith(assistant_end):
+            assistant_end = ""
+        return cls(assistant_end, between[len(assistant_end):], after)
+
+
+def prompt_text(tokenizer: PreTrainedTokenizerBase, question: str, protocol: Protocol | None = None) -> str:
+    """The first generation prompt: system + user message + assistant header."""
+    p = protocol or Protocol()
+    return tokenizer.apply_chat_template(p.messages(question), tokenize=False, add_generation_prompt=True)
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, question: str, protocol: Protocol | None = None) -> list[int]:
+    return encode(tokenizer, prompt_text(tokenizer, question, protocol))
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Tokenise text that already contains all template markup (no BOS/EOS added)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def format_docs(
+    docs: list[Doc], tokenizer: PreTrainedTokenizerBase, protocol: Protocol | None = None,
+    max_doc_tokens: int = 128,
+) -> str:
+    """Render retrieved documents for an observation; each document's text is cut to
+    `max_doc_tokens` tokens (marked with an ellipsis), so a long document never floods the context."""
+    p = protocol or Protocol()
+    lines = []
+    for rank, d in enumerate(docs, 1):
+        ids = encode(tokenizer, d.text)
+        text = d.text
+        if len(ids) > max_doc_tokens:
+            text = tokenizer.decode(ids[:max_doc_tokens]).rstrip() + " ..."
+        lines.append(p.doc_template.format(rank=rank, title=d.title, text=text))
+    return "\n".join(lines) if lines else "No results."
+
+
+def observation_text(
+    pieces: ChatPieces, docs_text: str, protocol: Protocol | None = None, *, close_action: bool = True
+) -> str:
+    """Everything the environment appends after a search action, up to the next assistant header."""
+    p = protocol or Protocol()
+    end = pieces.assistant_end if close_action else ""
+    return f"{end}{pieces.user_open}{p.information[0]}{docs_text}{p.information[1]}{pieces.user_close}"
+
+
+def probe_token_parts(
+    tokenizer: PreTrainedTokenizerBase, pieces: ChatPieces, gold: str, protocol: Protocol | None = None
+) -> tuple[list[int], list[int], list[int]]:
+    """(prefix, gold, suffix) token ids of the ground-truth probe that follows an assistant header.
+
+    The gold answer is tokenised on its own (as it is after the `<answer>` tag in our SFT data);
+    only the gold tokens are scored. `gold` is the first alias (spec §1.4).
+    """
+    p = protocol or Protocol()
+    gold_ids = encode(tokenizer, gold)
+    if not gold_ids:
+        raise ValueError(f"probe: gold answer {gold!r} tokenises to nothing")
+    return encode(tokenizer, p.probe_prefix()), gold_ids, encode(tokenizer, p.answer[1] + pieces.assistant_end)
+
+
+def observation_ids(
+    tokenizer: PreTrainedTokenizerBase, pieces: ChatPieces, docs: list[Doc],
+    protocol: Protocol | None = None, max_doc_tokens: int = 128,
+) -> list[int]:
+    """Token ids the environment appends after a search action (the rollout loop and the SFT
+    oracle both call this, so SFT sequences are tokenised exactly like rollouts)."""
+    docs_text = format_docs(docs, tokenizer, protocol, max_doc_tokens)
+    return encode(tokenizer, observation_text(pieces, docs_text, protocol))

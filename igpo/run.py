@@ -1,0 +1,44 @@
+"""Build a run from a composed Hydra config: prepare assets, instantiate, fit, return metrics.
+
+`train.py` is the Hydra entry that calls `train(cfg)`; tests and notebooks call it with a config
+from `hydra.compose`. Nothing here reads environment variables; everything comes from the config.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+
+
+def prepare_assets(cfg: DictConfig) -> None:
+    """Run `cfg.prepare` (if any) and write the asset paths it returns into `cfg.assets`."""
+    prepare = cfg.get("prepare")
+    if prepare and prepare.get("_target_"):
+        assets = instantiate(prepare)
+        with open_dict(cfg):
+            for key, value in dict(assets).items():
+                cfg.assets[key] = str(value) if value is not None else None
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
+    prepare_assets(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and c.get("_target_")]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and c.get("_target_")]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return datamodule, model, trainer
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit the policy; returns the trainer's final callback metrics as floats."""
+    datamodule, model, trainer = build(cfg)
+    log.info("assets: %s", OmegaConf.to_container(cfg.assets, resolve=True))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
