@@ -171,7 +171,9 @@ def turn_advantages(
     return [adv[i, : len(row)].tolist() for i, row in enumerate(rewards)]
 
 
-def broadcast_to_tokens(turn_adv: torch.Tensor, turn_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+def broadcast_to_tokens(
+    turn_adv: torch.Tensor, turn_ids: torch.Tensor, loss_mask: torch.Tensor
+) -> torch.Tensor:
     """Token advantages [E, L]: each policy token gets its turn's advantage.
 
     turn_adv [E, T], turn_ids LongTensor[E, L] (−1 on prompt/padding), loss_mask [E, L]. Tokens with

@@ -16,6 +16,7 @@ import torch
 from igpo.algorithm.advantages import (
     broadcast_to_tokens,
     information_gain,
+    pack_turn_rewards,
     turn_advantages_tensor,
     zero_std_group_fraction,
 )
@@ -66,36 +67,29 @@ class IGPOAdvantageCallback(L.Callback):
 def fill_advantages(batch: RolloutBatch, algo: AlgorithmConfig) -> None:
     """From batch.probe_logprobs and the episodes: turn rewards, token advantages and their stats."""
     rewards: list[list[float]] = []
-    gains_by_turn: list[tuple[int, float]] = []
+    all_gains: list[float] = []
     for ep, probe in zip(batch.episodes, batch.probe_logprobs, strict=True):
         if len(probe) != len(ep.turns):
             raise ValueError(f"episode {ep.question.id}: {len(probe)} probe values for {len(ep.turns)} turns")
         gains = information_gain(probe, mode=algo.gain_mode)
         outcome = outcome_reward(ep.answer, ep.question.answers, ep.format_ok, penalty=algo.format_penalty)
         rewards.append([*gains, outcome])
-        gains_by_turn += list(enumerate(gains))
+        all_gains += gains
     batch.turn_rewards = rewards
-    n, width = len(rewards), max(len(r) for r in rewards)
-    r = torch.zeros(n, width)
-    valid = torch.zeros(n, width, dtype=torch.bool)
-    is_outcome = torch.zeros(n, width, dtype=torch.bool)
-    for i, row in enumerate(rewards):
-        r[i, : len(row)] = torch.tensor(row)
-        valid[i, : len(row)] = True
-        is_outcome[i, len(row) - 1] = True
+    r, valid, is_outcome, _ = pack_turn_rewards(rewards, batch.group_ids.tolist(), dtype=torch.float32)
     turn_adv = turn_advantages_tensor(
         r, valid, is_outcome, batch.group_ids.cpu(), gamma=algo.gamma, norm=algo.norm,
         ig_weight=algo.ig_weight, outcome_weight=algo.outcome_weight, eps=algo.adv_eps,
     )
     device = batch.turn_ids.device
     batch.advantages = broadcast_to_tokens(turn_adv.to(device), batch.turn_ids, batch.loss_mask).float()
-    gains = [g for _, g in gains_by_turn]
+    gains = all_gains
     eps = batch.episodes
     batch.stats.update({
         "reward/outcome": float(torch.tensor([row[-1] for row in rewards]).mean()),
         "reward/ig_mean": float(torch.tensor(gains).mean()) if gains else 0.0,
         "reward/ig_pos_frac": float((torch.tensor(gains) > 0).float().mean()) if gains else 0.0,
-        "adv/zero_std_group_frac": zero_std_group_fraction(turn_adv.masked_fill(~valid, 0.0), batch.group_ids.cpu()),
+        "adv/zero_std_group_frac": zero_std_group_fraction(turn_adv, batch.group_ids.cpu()),
         "episode/turns": sum(len(e.turns) for e in eps) / len(eps),
         "episode/searches": sum(e.num_searches for e in eps) / len(eps),
         "episode/format_ok": sum(e.format_ok for e in eps) / len(eps),

@@ -84,7 +84,8 @@ def policy_loss(
              "mask": mask, "entropy": entropy}
     for name, t in named.items():
         if t is not None and t.shape != logprobs.shape:
-            raise ValueError(f"{name}: expected shape {tuple(logprobs.shape)} like logprobs, got {tuple(t.shape)}")
+            raise ValueError(f"{name}: expected shape {tuple(logprobs.shape)} (as logprobs), "
+                             f"got {tuple(t.shape)}")
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
 

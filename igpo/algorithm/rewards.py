@@ -114,7 +114,8 @@ def outcome_reward(
     """Outcome reward of the answer turn: F1 against ALL aliases if well formed, else `penalty`.
 
     Deliberate difference: the official training reward uses only the first alias (it mutates the ground
-    truth in place, spec §4.7); we use all aliases, as its validation does. A missing answer
+    truth in place, spec §4.7); we use all aliases, as its validation does (the ground-truth probe keeps
+    the official first alias). A missing answer
     (`prediction is None`, e.g. max turns hit or malformed output) gets the penalty.
     """
     if not format_ok or prediction is None:

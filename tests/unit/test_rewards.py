@@ -84,7 +84,10 @@ def test_exact_match():
     assert exact_match(None, "x") == 0.0
 
 
-GOOD = "<think>hmm</think><search>q</search><information>d</information><think>ok</think><answer>Paris</answer>"
+GOOD = (
+    "<think>hmm</think><search>q</search><information>d</information>"
+    "<think>ok</think><answer>Paris</answer>"
+)
 
 
 @pytest.mark.parametrize(

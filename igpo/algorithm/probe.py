@@ -1,0 +1,268 @@
+"""The ground-truth probe: ℓ_{i,t} = mean log π(gold | context before turn t + probe prefix).
+
+For episode i with token ids S_i and probe boundaries b_{i,t} (the context of probe t is S_i[:b_t], which
+ends with an assistant header), the probe value is the mean over the gold tokens of
+log π(gold_j | S_i[:b_t] + prefix + gold_<j), at temperature 1 (raw fp32 log-softmax, spec §4.13), no grad.
+
+Two implementations that agree to 1e-5 in fp32:
+- `reference_probe`: the official method minus its bugs (spec §4.3, §4.4): one row per (episode, turn),
+  rebuilt from scratch for every batch, position ids 0..n-1 over real tokens for left or right padding.
+- `packed_probe`: one forward per trajectory (architecture decision 2). The packed row is S_i followed
+  by T_i probe blocks (prefix + gold); block t has position ids b_t + arange(m) and may attend only to
+  S_i[:b_t] and causally to itself. The same forward yields the per-token log-probs of S_i (the
+  old-log-prob pass), so the callback needs no second pass. The suffix after the gold answer is not fed
+  in: under causal attention it cannot change the gold log-probs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from igpo.prompts import ChatPieces, Protocol, probe_token_parts
+from igpo.types import Episode
+
+ProbeParts = tuple[Sequence[int], Sequence[int], Sequence[int]]  # (prefix, gold, suffix) token ids
+
+
+@dataclass
+class ProbeResult:
+    """Output of `packed_probe`.
+
+    probe_logprobs: per episode, the T_i probe values ℓ_{i,0..T_i-1} (mean gold-token log-prob).
+    token_logprobs: FloatTensor[E, L] log p(S[j] | S[:j]) at position j; 0 at position 0 and on padding.
+    entropies:      FloatTensor[E, L] entropy of the distribution that predicted S[j]; 0 where
+                    token_logprobs is 0 by convention. None unless requested.
+    """
+
+    probe_logprobs: list[list[float]]
+    token_logprobs: torch.Tensor | None = None
+    entropies: torch.Tensor | None = None
+
+
+def probe_inputs_from_episodes(
+    episodes: Sequence[Episode], tokenizer, pieces: ChatPieces, protocol: Protocol | None = None
+) -> tuple[list[list[int]], list[ProbeParts]]:
+    """Probe boundaries and (prefix, gold, suffix) ids per episode; gold = the first answer alias."""
+    cache: dict[str, ProbeParts] = {}
+    boundaries, parts = [], []
+    for e in episodes:
+        gold = e.question.answers[0]
+        if gold not in cache:
+            cache[gold] = probe_token_parts(tokenizer, pieces, gold, protocol)
+        boundaries.append(list(e.probe_boundaries))
+        parts.append(cache[gold])
+    return boundaries, parts
+
+
+def reference_probe(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    boundaries: Sequence[Sequence[int]],
+    parts: Sequence[ProbeParts],
+    *,
+    padding_side: Literal["left", "right"] = "left",
+    batch_size: int = 16,
+) -> list[list[float]]:
+    """Score every (episode, turn) probe as its own sequence context + prefix + gold + suffix."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"reference_probe: padding_side must be 'left' or 'right', got {padding_side!r}")
+    if batch_size < 1:
+        raise ValueError(f"reference_probe: batch_size must be >= 1, got {batch_size}")
+    lengths = _validate(input_ids, attention_mask, boundaries, parts)
+    rows = []  # (episode, turn, ids, first gold position, gold ids)
+    for i, (bs, (prefix, gold, suffix)) in enumerate(zip(boundaries, parts, strict=True)):
+        ids = input_ids[i, : lengths[i]].tolist()
+        for t, b in enumerate(bs):
+            rows.append((i, t, ids[:b] + list(prefix) + list(gold) + list(suffix), b + len(prefix), list(gold)))
+    out = [[0.0] * len(bs) for bs in boundaries]
+    device = _device(model)
+    with _inference(model):
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start: start + batch_size]
+            width = max(len(r[2]) for r in chunk)
+            ids = torch.zeros((len(chunk), width), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            pos = torch.zeros_like(ids)
+            offsets = []
+            for r, (_, _, seq, _, _) in enumerate(chunk):
+                off = width - len(seq) if padding_side == "left" else 0
+                ids[r, off: off + len(seq)] = torch.tensor(seq)
+                mask[r, off: off + len(seq)] = 1
+                pos[r, off: off + len(seq)] = torch.arange(len(seq))
+                offsets.append(off)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           position_ids=pos.to(device), use_cache=False).logits
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            for r, (i, t, _, g0, gold) in enumerate(chunk):
+                at = offsets[r] + g0 + torch.arange(len(gold), device=logp.device)
+                lp = logp[r, at - 1].gather(-1, torch.tensor(gold, device=logp.device)[:, None])
+                out[i][t] = lp.mean().item()
+    return out
+
+
+def packed_probe(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    boundaries: Sequence[Sequence[int]],
+    parts: Sequence[ProbeParts],
+    *,
+    return_token_logprobs: bool = True,
+    return_entropies: bool = False,
+    batch_size: int | None = None,
+) -> ProbeResult:
+    """All probes of a trajectory in one forward with a block attention mask (see module docstring).
+
+    `batch_size` caps the episodes per forward (None: all at once); rows are grouped by packed length.
+    """
+    lengths = _validate(input_ids, attention_mask, boundaries, parts)
+    attn = _attn_implementation(model)
+    n_rows, width = input_ids.shape
+    device = _device(model)
+    packed = [_pack(input_ids[i, : lengths[i]].tolist(), boundaries[i], parts[i]) for i in range(n_rows)]
+    probes: list[list[float]] = [[] for _ in range(n_rows)]
+    token_lp = torch.zeros((n_rows, width), dtype=torch.float32) if return_token_logprobs else None
+    entropy = torch.zeros((n_rows, width), dtype=torch.float32) if return_entropies else None
+    order = sorted(range(n_rows), key=lambda i: len(packed[i].ids))
+    step = batch_size or max(n_rows, 1)
+    with _inference(model):
+        for start in range(0, n_rows, step):
+            rows = order[start: start + step]
+            ids, pos, mask = _batch([packed[i] for i in rows], attn, _dtype(model))
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           position_ids=pos.to(device), use_cache=False).logits.float()
+            lse = torch.logsumexp(logits, dim=-1)  # [B, P]
+            for r, i in enumerate(rows):
+                row = packed[i]
+                if row.pred.numel():
+                    lp = logits[r, row.pred.to(device), row.gold.to(device)] - lse[r, row.pred.to(device)]
+                    probes[i] = [v.mean().item() for v in torch.split(lp, row.gold_counts)]
+                n = lengths[i]
+                if token_lp is not None and n > 1:
+                    target = ids[r, 1:n].to(device)
+                    token_lp[i, 1:n] = (logits[r, : n - 1].gather(-1, target[:, None])[:, 0] - lse[r, : n - 1]).cpu()
+                if entropy is not None and n > 1:
+                    probs = torch.softmax(logits[r, : n - 1], dim=-1)
+                    entropy[i, 1:n] = (lse[r, : n - 1] - (probs * logits[r, : n - 1]).sum(-1)).cpu()
+    return ProbeResult(probes, token_lp, entropy)
+
+
+@dataclass
+class _Packed:
+    ids: list[int]  # S then the probe blocks
+    pos: list[int]  # position ids
+    seg: list[int]  # -1 on S, t on probe block t
+    ctx: list[int]  # on block t: b_t, the context length it may see; 0 on S
+    pred: torch.Tensor  # packed index whose logits predict each gold token (all probes concatenated)
+    gold: torch.Tensor  # the gold token ids (all probes concatenated)
+    gold_counts: list[int]
+
+
+def _pack(seq: list[int], bounds: Sequence[int], part: ProbeParts) -> _Packed:
+    prefix, gold, _ = (list(x) for x in part)
+    block = prefix + gold
+    m, n = len(block), len(seq)
+    ids, pos, seg, ctx = list(seq), list(range(n)), [-1] * n, [0] * n
+    pred: list[int] = []
+    for t, b in enumerate(bounds):
+        offset = len(ids)
+        ids += block
+        pos += range(b, b + m)
+        seg += [t] * m
+        ctx += [b] * m
+        for j in range(len(gold)):
+            local = len(prefix) + j  # block index of gold token j; its predictor is the previous token
+            pred.append(offset + local - 1 if local > 0 else b - 1)
+    gold_all = gold * len(bounds)
+    return _Packed(ids, pos, seg, ctx, torch.tensor(pred, dtype=torch.long),
+                   torch.tensor(gold_all, dtype=torch.long), [len(gold)] * len(bounds))
+
+
+def _batch(rows: list[_Packed], attn: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad packed rows; build the [B, 1, P, P] mask (bool for sdpa, additive float for eager).
+
+    Padding positions attend only to themselves, so no softmax row is empty (no NaN anywhere).
+    """
+    width = max(len(r.ids) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    pos = torch.zeros_like(ids)
+    seg = torch.full_like(ids, -2)
+    ctx = torch.zeros_like(ids)
+    for r, row in enumerate(rows):
+        k = len(row.ids)
+        ids[r, :k], pos[r, :k] = torch.tensor(row.ids), torch.tensor(row.pos)
+        seg[r, :k], ctx[r, :k] = torch.tensor(row.seg), torch.tensor(row.ctx)
+    idx = torch.arange(width)
+    causal = idx[None, :] <= idx[:, None]  # [q, k]
+    seg_q, seg_k = seg[:, :, None], seg[:, None, :]
+    same_block = (seg_q == seg_k) & (seg_q > -2) & causal
+    sees_context = (seg_q >= 0) & (seg_k == -1) & (idx[None, None, :] < ctx[:, :, None])
+    allowed = (same_block | sees_context | torch.eye(width, dtype=torch.bool))[:, None]
+    if attn == "sdpa":
+        return ids, pos, allowed
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return ids, pos, mask
+
+
+def _validate(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, boundaries: Sequence[Sequence[int]],
+    parts: Sequence[ProbeParts],
+) -> list[int]:
+    """Check shapes, right padding, boundaries and gold; return the real length of every row."""
+    if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"probe: input_ids {tuple(input_ids.shape)} and attention_mask "
+                         f"{tuple(attention_mask.shape)} must be the same [E, L] shape")
+    n_rows = input_ids.shape[0]
+    if len(boundaries) != n_rows or len(parts) != n_rows:
+        raise ValueError(f"probe: {n_rows} episodes but {len(boundaries)} boundary lists and {len(parts)} parts")
+    mask = attention_mask.bool().cpu()
+    lengths = mask.sum(-1).tolist()
+    for i, n in enumerate(lengths):
+        if not mask[i, :n].all():
+            raise ValueError(f"probe: episode {i}: attention_mask is not right-padded")
+        bs = list(boundaries[i])
+        for t, b in enumerate(bs):
+            if not 1 <= b <= n:
+                raise ValueError(f"probe: episode {i} turn {t}: boundary {b} outside [1, {n}]")
+        if bs and not parts[i][1]:
+            raise ValueError(f"probe: episode {i}: empty gold answer ids")
+    return lengths
+
+
+def _attn_implementation(model: nn.Module) -> str:
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
+    if impl not in ("eager", "sdpa"):
+        raise ValueError(f"packed_probe: attention implementation {impl!r} cannot take a custom 4D mask; "
+                         "load the model with attn_implementation='sdpa' or 'eager'")
+    return impl
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None:
+        return embeddings.weight.dtype
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+@contextmanager
+def _inference(model: nn.Module) -> Iterator[None]:
+    """no_grad and eval mode (no dropout); restores each module's training flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
