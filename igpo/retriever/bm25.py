@@ -59,6 +59,8 @@ class BM25Retriever:
     ) -> None:
         self.corpus_path = Path(corpus_path)
         self.index_dir = Path(index_dir) if index_dir is not None else Path(f"{self.corpus_path}.bm25s")
+        if stopwords is not None and not isinstance(stopwords, str):
+            stopwords = [str(w) for w in stopwords]  # a list from a Hydra config, stored as JSON
         self.params: dict[str, Any] = {
             "format": INDEX_FORMAT, "k1": float(k1), "b": float(b), "method": method,
             "stopwords": stopwords, "stemmer": stemmer, "title_boost": bool(title_boost),
