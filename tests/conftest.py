@@ -55,11 +55,17 @@ def tiny_corpus(n: int = 300, seed: int = 0) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Qwen2 (hidden 256, 4 layers, ~4 M params, vocab 2048) with its tokenizer, built once."""
+def tiny_texts() -> list[str]:
+    """The built-in corpus the tiny tokenizer is trained on (a fresh list each session)."""
+    return tiny_corpus()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_texts: list[str]) -> Path:
+    """A tiny Qwen2 (hidden 256, 4 layers, ~4.4 M params, vocab 2048) with its tokenizer, built once."""
     from igpo.models.tiny import build_tiny
 
-    return build_tiny(tmp_path_factory.mktemp("tiny") / "model", tiny_corpus(), vocab_size=2048, seed=0)
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "model", tiny_texts, vocab_size=2048, seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,11 @@ Two implementations that agree to 1e-5 in fp32:
   S_i[:b_t] and causally to itself. The same forward yields the per-token log-probs of S_i (the
   old-log-prob pass), so the callback needs no second pass. The suffix after the gold answer is not fed
   in: under causal attention it cannot change the gold log-probs.
+The custom mask is passed as a 4D tensor, which transformers 5 uses as-is: bool (True = attend) for sdpa,
+additive float (0 / dtype min) for eager, which adds it to the scores; flash-attention cannot take it.
+It costs O(P^2) memory per row (P = L + T*m), fine for our lengths; for 30k-token trajectories use
+`batch_size` or a KV-cache variant. Both functions run the model in eval mode (no dropout) and restore
+each module's training flag afterwards.
 """
 
 from __future__ import annotations
@@ -19,13 +24,16 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
 from igpo.prompts import ChatPieces, Protocol, probe_token_parts
 from igpo.types import Episode
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 ProbeParts = tuple[Sequence[int], Sequence[int], Sequence[int]]  # (prefix, gold, suffix) token ids
 
@@ -35,9 +43,10 @@ class ProbeResult:
     """Output of `packed_probe`.
 
     probe_logprobs: per episode, the T_i probe values ℓ_{i,0..T_i-1} (mean gold-token log-prob).
-    token_logprobs: FloatTensor[E, L] log p(S[j] | S[:j]) at position j; 0 at position 0 and on padding.
-    entropies:      FloatTensor[E, L] entropy of the distribution that predicted S[j]; 0 where
-                    token_logprobs is 0 by convention. None unless requested.
+    token_logprobs: FloatTensor[E, L] log p(S[j] | S[:j]) at position j; 0 at position 0 and on padding
+                    (the layout of RolloutBatch.old_logprobs). None if not requested.
+    entropies:      FloatTensor[E, L] entropy of the distribution that predicted S[j]; 0 at position 0
+                    and on padding. None unless requested.
     """
 
     probe_logprobs: list[list[float]]
@@ -46,7 +55,10 @@ class ProbeResult:
 
 
 def probe_inputs_from_episodes(
-    episodes: Sequence[Episode], tokenizer, pieces: ChatPieces, protocol: Protocol | None = None
+    episodes: Sequence[Episode],
+    tokenizer: PreTrainedTokenizerBase,
+    pieces: ChatPieces,
+    protocol: Protocol | None = None,
 ) -> tuple[list[list[int]], list[ProbeParts]]:
     """Probe boundaries and (prefix, gold, suffix) ids per episode; gold = the first answer alias."""
     cache: dict[str, ProbeParts] = {}
@@ -128,30 +140,42 @@ def packed_probe(
     device = _device(model)
     packed = [_pack(input_ids[i, : lengths[i]].tolist(), boundaries[i], parts[i]) for i in range(n_rows)]
     probes: list[list[float]] = [[] for _ in range(n_rows)]
-    token_lp = torch.zeros((n_rows, width), dtype=torch.float32) if return_token_logprobs else None
-    entropy = torch.zeros((n_rows, width), dtype=torch.float32) if return_entropies else None
+    token_lp = torch.zeros((n_rows, width), device=device) if return_token_logprobs else None
+    entropy = torch.zeros((n_rows, width), device=device) if return_entropies else None
+    valid = attention_mask.to(device=device, dtype=torch.bool)
     order = sorted(range(n_rows), key=lambda i: len(packed[i].ids))
     step = batch_size or max(n_rows, 1)
     with _inference(model):
         for start in range(0, n_rows, step):
             rows = order[start: start + step]
             ids, pos, mask = _batch([packed[i] for i in rows], attn, _dtype(model))
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           position_ids=pos.to(device), use_cache=False).logits.float()
+            ids = ids.to(device)
+            logits = model(input_ids=ids, attention_mask=mask.to(device), position_ids=pos.to(device),
+                           use_cache=False).logits.float()
             lse = torch.logsumexp(logits, dim=-1)  # [B, P]
-            for r, i in enumerate(rows):
-                row = packed[i]
-                if row.pred.numel():
-                    lp = logits[r, row.pred.to(device), row.gold.to(device)] - lse[r, row.pred.to(device)]
-                    probes[i] = [v.mean().item() for v in torch.split(lp, row.gold_counts)]
-                n = lengths[i]
-                if token_lp is not None and n > 1:
-                    target = ids[r, 1:n].to(device)
-                    token_lp[i, 1:n] = (logits[r, : n - 1].gather(-1, target[:, None])[:, 0] - lse[r, : n - 1]).cpu()
-                if entropy is not None and n > 1:
-                    probs = torch.softmax(logits[r, : n - 1], dim=-1)
-                    entropy[i, 1:n] = (lse[r, : n - 1] - (probs * logits[r, : n - 1]).sum(-1)).cpu()
-    return ProbeResult(probes, token_lp, entropy)
+            # probes: one gather over every gold token of every probe in this batch
+            which = torch.cat([torch.full_like(packed[i].pred, r) for r, i in enumerate(rows)]).to(device)
+            pred = torch.cat([packed[i].pred for i in rows]).to(device)
+            gold = torch.cat([packed[i].gold for i in rows]).to(device)
+            gold_lp = (logits[which, pred, gold] - lse[which, pred]).cpu()
+            for i, chunk in zip(rows, torch.split(gold_lp, [len(packed[i].gold) for i in rows]), strict=True):
+                probes[i] = [v.mean().item() for v in torch.split(chunk, packed[i].gold_counts)]
+            # S occupies packed positions 0..n-1 of its row, so S's token log-probs are a plain shift
+            w = max(lengths[i] for i in rows)
+            if w < 2:
+                continue
+            index = torch.tensor(rows, device=device)
+            keep = valid[index, 1:w]
+            if token_lp is not None:
+                lp = logits[:, : w - 1].gather(-1, ids[:, 1:w, None])[..., 0] - lse[:, : w - 1]
+                token_lp[index, 1:w] = torch.where(keep, lp, 0.0)
+            if entropy is not None:
+                probs = torch.softmax(logits[:, : w - 1], dim=-1)
+                h = lse[:, : w - 1] - (probs * logits[:, : w - 1]).sum(-1)
+                entropy[index, 1:w] = torch.where(keep, h, 0.0)
+    out = input_ids.device
+    return ProbeResult(probes, None if token_lp is None else token_lp.to(out),
+                       None if entropy is None else entropy.to(out))
 
 
 @dataclass

@@ -21,15 +21,15 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from tokenizers import trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from igpo.prompts import Protocol
 
 # Qwen2's pre-tokenizer split pattern (transformers/models/qwen2/tokenization_qwen2.py).
 QWEN2_SPLIT_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -79,6 +79,7 @@ def train_tokenizer(
         pad_token=PAD_TOKEN,
         unk_token=None,
         bos_token=None,
+        extra_special_tokens=[IM_START, IM_END],
         chat_template=CHATML_TEMPLATE,
         model_max_length=32768,
         clean_up_tokenization_spaces=False,

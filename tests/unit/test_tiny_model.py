@@ -56,6 +56,7 @@ def test_tags_and_chatml_markers_are_single_ids(tiny_tokenizer) -> None:
     tag_ids = [tiny_tokenizer.convert_tokens_to_ids(t) for t in Protocol().tags]
     assert len(set(tag_ids)) == len(tag_ids)
     assert tiny_tokenizer.eos_token == "<|im_end|>" and tiny_tokenizer.pad_token == "<|endoftext|>"
+    assert set(tiny_tokenizer.all_special_tokens) == {"<|endoftext|>", "<|im_start|>", "<|im_end|>"}
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -67,6 +68,8 @@ def test_decode_round_trips(tiny_tokenizer, text: str) -> None:
 def test_skip_special_tokens_keeps_protocol_tags(tiny_tokenizer) -> None:
     ids = tiny_tokenizer.encode("<think>a</think><answer>b</answer><|im_end|>", add_special_tokens=False)
     assert tiny_tokenizer.decode(ids, skip_special_tokens=True) == "<think>a</think><answer>b</answer>"
+    ids = tiny_tokenizer.encode("<|im_start|>user\nhi<|im_end|>\n", add_special_tokens=False)
+    assert tiny_tokenizer.decode(ids, skip_special_tokens=True) == "user\nhi\n"
 
 
 def test_chat_template_renders_chatml(tiny_tokenizer) -> None:
