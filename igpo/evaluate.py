@@ -1,0 +1,255 @@
+"""Evaluation: greedy rollouts on a question file, metrics per data source, files in the run directory.
+
+`evaluate(cfg)` (what `eval.py` runs) loads the questions (`data.path`, `data.max_per_source`, ...), builds
+the same `RolloutDataModule` as training (so the same generator, retriever and rollout loop), optionally
+loads a checkpoint's adapter into the policy and pushes it to the generator with the configured weight
+sync, runs `samples` episodes per question at `temperature` (0 = greedy), and writes `eval_table.md`,
+`eval_metrics.json` and `episodes.jsonl` atomically. `summarize` and `format_table` are plain functions
+for notebooks. Per-episode metrics come from `igpo.algorithm.rewards.episode_metrics` (the one definition).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from igpo.algorithm.rewards import episode_metrics
+from igpo.callbacks import episode_record
+from igpo.data.questions import load_questions
+from igpo.generator.sync import NoSync
+from igpo.run import prepare_assets
+from igpo.types import Episode, Question, RolloutBatch
+
+log = logging.getLogger(__name__)
+
+EVAL_DATA_KEYS = ("path", "split", "data_sources", "max_per_source")  # eval.yaml's keys in `data`
+POOLED, MACRO = "all", "macro"
+COLUMNS = (  # (summary key, table header, scale, decimals)
+    ("em", "EM", 100.0, 1), ("f1", "F1", 100.0, 1), ("format_ok", "format ok", 100.0, 1),
+    ("searches", "searches/ep", 1.0, 2), ("turns", "turns/ep", 1.0, 2),
+)
+
+
+# ---- metrics ---------------------------------------------------------------------------------------
+def summarize(episodes: Iterable[Episode]) -> dict[str, dict[str, float]]:
+    """Per data source (sorted), then "all" (every episode pooled) and, with two or more sources, "macro"
+    (the unweighted mean of the source rows, like the paper's Avg column). Each row: `count` (episodes),
+    `questions` (distinct question ids), and the mean of every `episode_metrics` value (em, f1 and
+    format_ok as fractions in [0, 1]; searches and turns per episode)."""
+    metrics: dict[str, list[dict[str, float]]] = {}
+    qids: dict[str, set[str]] = {}
+    for ep in episodes:
+        source = ep.question.data_source
+        if source in (POOLED, MACRO):
+            raise ValueError(f"summarize: data source {source!r} (question {ep.question.id!r}) clashes with "
+                             f"the summary row of the same name; rename it in the question file")
+        metrics.setdefault(source, []).append(episode_metrics(ep))
+        qids.setdefault(source, set()).add(ep.question.id)
+    out = {s: _row(metrics[s], len(qids[s])) for s in sorted(metrics)}
+    if not out:
+        return out
+    sources = list(out)
+    out[POOLED] = _row([m for s in sources for m in metrics[s]], sum(len(qids[s]) for s in sources))
+    if len(sources) > 1:
+        keys = [k for k in out[sources[0]] if k not in ("count", "questions")]
+        out[MACRO] = {"count": out[POOLED]["count"], "questions": out[POOLED]["questions"],
+                      **{k: float(np.mean([out[s][k] for s in sources])) for k in keys}}
+    return out
+
+
+def _row(rows: list[dict[str, float]], questions: int) -> dict[str, float]:
+    means = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    return {"count": len(rows), "questions": questions, **means}
+
+
+def format_table(summary: dict[str, dict[str, float]]) -> str:
+    """A markdown table of `summarize`'s rows: EM, F1, format-ok in percent; searches, turns per episode."""
+    head = ["source", "questions", "episodes", *(c[1] for c in COLUMNS)]
+    lines = ["| " + " | ".join(head) + " |", "|:--" + "|--:" * (len(head) - 1) + "|"]
+    for source, row in summary.items():
+        cells = [source, str(int(row["questions"])), str(int(row["count"]))]
+        for key, _, scale, decimals in COLUMNS:
+            value = row.get(key)
+            cells.append("—" if value is None else f"{value * scale:.{decimals}f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------
+def load_adapter(policy: Any, ckpt_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Copy a train.py checkpoint's trainable weights (the LoRA adapter, or all weights with LoRA off) into
+    `policy` (an `IGPOPolicy` after `configure_model()`). Every trainable parameter must be in the file with
+    its shape, and the file must hold nothing else, so an adapter of another LoRA setting fails loudly.
+    The file is unpickled (it holds optimizer and RNG states): load only checkpoints you trust."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"load_adapter: checkpoint not found: {path}")
+    if policy.model is None:
+        raise RuntimeError("load_adapter: call policy.configure_model() first")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict' dict)")
+    params = dict(policy.named_parameters())
+    trainable = sorted(n for n, p in params.items() if p.requires_grad)
+    unexpected = sorted(k for k in state if k not in params)
+    missing = [n for n in trainable if n not in state]
+    if unexpected or missing:
+        raise ValueError(f"{path}: checkpoint does not match the policy (model.lora settings?): "
+                         f"{len(unexpected)} unexpected key(s) {unexpected[:3]}, {len(missing)} missing "
+                         f"trainable parameter(s) {missing[:3]}")
+    for name, value in state.items():
+        if tuple(value.shape) != tuple(params[name].shape):
+            raise ValueError(f"{path}: {name} has shape {tuple(value.shape)}, the policy's is "
+                             f"{tuple(params[name].shape)} (model.lora.r?)")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value.to(dtype=params[name].dtype, device=params[name].device))
+    return {"tensors": len(state), "global_step": ckpt.get("global_step")}
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+def eval_questions(cfg: DictConfig) -> list[Question]:
+    """The questions of `cfg.data.path`, filtered by split, data_sources, max_per_source (seed `cfg.seed`)."""
+    data = cfg.data
+    if data.get("path") is None:
+        raise ValueError("eval: no question file; set data.path=FILE (.parquet or .jsonl)")
+    sources = data.get("data_sources")
+    if isinstance(sources, str):
+        sources = [sources]
+    questions = load_questions(
+        str(data.path), split=data.get("split"),
+        data_sources=None if sources is None else [str(s) for s in sources],
+        max_per_source=data.get("max_per_source"), seed=int(cfg.seed),
+    )
+    if not questions:
+        raise ValueError(f"eval: {data.path} has no questions after filtering")
+    return questions
+
+
+def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
+    """Run the evaluation described by an eval.yaml config; write the files; return `summarize`'s rows."""
+    import lightning as L
+
+    prepare_assets(cfg)
+    L.seed_everything(int(cfg.seed), workers=True)
+    questions = eval_questions(cfg)
+    samples, temperature = int(cfg.get("samples", 1)), float(cfg.get("temperature", 0.0))
+    if samples < 1 or temperature < 0:
+        raise ValueError(f"eval: samples must be >= 1 and temperature >= 0, got {samples} and {temperature}")
+    if samples > 1 and temperature == 0:
+        log.warning("eval: %d samples per question at temperature 0 are %d copies of one greedy episode",
+                    samples, samples)
+    dm = instantiate(datamodule_config(cfg), train_questions=[], val_questions=None)
+    ckpt_info: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    try:
+        dm.setup("validate")
+        if cfg.get("ckpt_path"):
+            ckpt_info = _push_checkpoint(cfg, dm.generator)
+        sampling = replace(dm.sampling, temperature=temperature, seed=int(cfg.seed))
+        episodes = dm.evaluate(questions, sampling, samples=samples)
+    finally:
+        dm.teardown("validate")
+    seconds = time.perf_counter() - t0
+    summary = summarize(episodes)
+    data = cfg.data
+    meta = {
+        "questions_file": str(data.path), "split": data.get("split"),
+        "data_sources": _plain(data.get("data_sources")), "max_per_source": data.get("max_per_source"),
+        "questions": len(questions), "episodes": len(episodes),
+        "samples": samples, "temperature": temperature, "seed": int(cfg.seed), "model": str(cfg.assets.model),
+        "ckpt_path": cfg.get("ckpt_path"), **{f"ckpt_{k}": v for k, v in ckpt_info.items()},
+        "generator": cfg.generator.get("_target_"), "retriever": cfg.retriever.get("_target_"),
+        "sync": cfg.sync.get("_target_") if cfg.get("ckpt_path") else None, "seconds": round(seconds, 3),
+    }
+    write_results(Path(cfg.paths.output_dir), summary, episodes, dm.tokenizer, meta)
+    log.info("eval of %s: %d episodes in %.1fs, written to %s", meta["questions_file"], len(episodes),
+             seconds, cfg.paths.output_dir)
+    return summary
+
+
+def datamodule_config(cfg: DictConfig) -> DictConfig:
+    """`cfg.data` without eval.yaml's question keys (RolloutDataModule does not take them)."""
+    data = copy.deepcopy(cfg.data)  # keeps the parent, so ${generator} etc. still resolve
+    with open_dict(data):
+        for key in EVAL_DATA_KEYS:
+            data.pop(key, None)
+    return data
+
+
+def _push_checkpoint(cfg: DictConfig, generator: Any) -> dict[str, Any]:
+    """Build the policy, load the checkpoint's adapter, and push it into the generator with `cfg.sync`."""
+    sync = instantiate(cfg.sync)
+    policy = instantiate(cfg.model)
+    policy.configure_model()
+    info = load_adapter(policy, cfg.ckpt_path)
+    shares = getattr(generator, "shares_weights", None)
+    if isinstance(sync, NoSync) and not (callable(shares) and shares(policy.model)):
+        raise ValueError("eval: ckpt_path is set, but sync=none would leave the generator on the base "
+                         "weights; use sync=merged (full weights) or sync=adapter (vLLM with enable_lora)")
+    info["sync_s"] = round(float(sync.sync(policy.model, generator, 1)), 3)
+    return info
+
+
+# ---- files -----------------------------------------------------------------------------------------
+def write_results(
+    out_dir: Path, summary: dict[str, dict[str, float]], episodes: Sequence[Episode], tokenizer: Any,
+    meta: dict[str, Any],
+) -> None:
+    """eval_table.md, eval_metrics.json ({"summary", "meta"}) and episodes.jsonl (one record per episode:
+    `igpo.callbacks.episode_record` fields plus "sample" and "metrics"), each written to a temporary file
+    in `out_dir` and renamed into place."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = f" (ckpt {meta['ckpt_path']})" if meta.get("ckpt_path") else ""
+    where = f"{meta.get('questions_file')}{ckpt}"
+    table = (f"# eval: {where}\n\nmodel `{meta.get('model')}`, {meta.get('samples')} sample(s) per question, "
+             f"temperature {meta.get('temperature')}\n\n{format_table(summary)}\n")
+    _atomic_write(out_dir / "eval_table.md", [table])
+    metrics = json.dumps({"summary": summary, "meta": meta}, indent=1)
+    _atomic_write(out_dir / "eval_metrics.json", [metrics + "\n"])
+    _atomic_write(out_dir / "episodes.jsonl", (json.dumps(r, ensure_ascii=False) + "\n"
+                                               for r in episode_records(episodes, tokenizer)))
+
+
+def episode_records(episodes: Sequence[Episode], tokenizer: Any) -> Iterable[dict[str, Any]]:
+    """JSON-able records: the training dump's fields (question, answers, turns with text, query and doc ids,
+    decoded text), the sample index within its question, and the episode's metrics."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    seen: dict[int, int] = {}
+    for ep in episodes:
+        record = episode_record(RolloutBatch.from_episodes([ep], pad), 0, tokenizer, step=0)
+        record.pop("step", None)
+        record["sample"] = seen.get(ep.group, 0)
+        seen[ep.group] = record["sample"] + 1
+        record["metrics"] = episode_metrics(ep)
+        yield record
+
+
+def _atomic_write(path: Path, chunks: Iterable[str]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for chunk in chunks:
+                f.write(chunk)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
