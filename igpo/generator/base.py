@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -39,3 +40,15 @@ class Generator(Protocol):
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Generation]: ...
 
     def close(self) -> None: ...
+
+
+def split_stops(
+    tokenizer: Any, stops: Sequence[str], use_token_ids: bool = True
+) -> tuple[list[int], list[str]]:
+    """Split stop strings into ids of single added tokens (a cheap id check, and the tokenizer never
+    spells them from pieces) and the remaining strings (matched on text, e.g. Qwen's `</answer>`)."""
+    for i, s in enumerate(stops):
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"split_stops: stop #{i} must be a non-empty string, got {s!r}")
+    added = tokenizer.get_added_vocab() if use_token_ids else {}
+    return [added[s] for s in stops if s in added], [s for s in stops if s not in added]

@@ -1,0 +1,149 @@
+"""Weight sync strategies: make the generator sample from the policy the trainer just updated.
+
+`merged`  computes W + ΔW for every LoRA layer (without touching the training model) and pushes the full,
+          HF-named state dict into the live engine: the fast path for an in-process vLLM on CPU.
+`adapter` saves the adapter (adapter files only, written atomically) and serves it as a new LoRA id:
+          the usual path on GPUs and for a vLLM server.
+`none`    for a generator that samples from the training model itself (`HFGenerator(live_model)`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+SyncName = Literal["merged", "adapter", "none"]
+
+
+@runtime_checkable
+class WeightSync(Protocol):
+    """Pushes the weights of `model` (version `version`) into `generator`; returns the seconds it took."""
+
+    def sync(self, model: nn.Module, generator: Any, version: int) -> float: ...
+
+
+def _shares_weights(generator: Any, model: nn.Module) -> bool:
+    shares = getattr(generator, "shares_weights", None)
+    return bool(shares(model)) if callable(shares) else False
+
+
+def hf_name(peft_name: str) -> str:
+    """peft name -> HF name: `base_model.model.model.layers.0.mlp.up_proj.base_layer.weight` ->
+    `model.layers.0.mlp.up_proj.weight` (what vLLM's loader expects)."""
+    name = peft_name.removeprefix("base_model.model.")
+    return name.replace(".base_layer.", ".")
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full weights W + ΔW of a peft LoRA model under plain HF names, computed without mutating it.
+
+    merge_adapter/unmerge_adapter would write into the training model's base weights, and unmerging
+    leaves them drifted by floating-point error; here ΔW comes from each layer's `get_delta_weight`.
+    Works on a plain (non-peft) model too: its state dict is returned as is.
+    """
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    deltas: dict[str, torch.Tensor] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            raise NotImplementedError(f"merged_state_dict: modules_to_save ({path}) is not supported")
+        if not isinstance(module, LoraLayer) or module.merged or module.disable_adapters:
+            continue  # a merged layer's base weight already holds W + ΔW
+        for adapter in module.active_adapters:
+            if adapter not in module.lora_A and adapter not in module.lora_embedding_A:
+                continue
+            if adapter in getattr(module, "lora_variant", {}):
+                raise NotImplementedError(f"merged_state_dict: {path} uses a LoRA variant (e.g. DoRA)")
+            _add(deltas, f"{path}.base_layer.weight", module.get_delta_weight(adapter))
+            if getattr(module, "lora_bias", {}).get(adapter):
+                _add(deltas, f"{path}.base_layer.bias", module.lora_B[adapter].bias * module.scaling[adapter])
+    merged: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if ".lora_" in name:
+            continue
+        if name in deltas:
+            tensor = tensor + deltas.pop(name).to(tensor.dtype)
+        merged[hf_name(name)] = tensor.detach()
+    if deltas:
+        raise KeyError(f"merged_state_dict: LoRA deltas without a base weight: {sorted(deltas)[:3]}")
+    return merged
+
+
+def _add(acc: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+    acc[key] = value.detach() if key not in acc else acc[key] + value.detach()
+
+
+class MergedSync:
+    """Push merged full weights into a generator with `load_weights` (in-process vLLM, HF copy)."""
+
+    def sync(self, model: nn.Module, generator: Any, version: int) -> float:
+        if _shares_weights(generator, model):
+            return 0.0
+        if not callable(getattr(generator, "load_weights", None)):
+            raise TypeError(f"MergedSync: {type(generator).__name__} has no load_weights(named_tensors)")
+        start = time.perf_counter()
+        generator.load_weights(merged_state_dict(model))
+        return time.perf_counter() - start
+
+
+class AdapterSync:
+    """Save the adapter to `dir/v{version}` atomically and serve it through `generator.set_lora`.
+
+    Only the newest `keep` version directories are kept on disk (the engine has loaded the adapter
+    into memory by the time `set_lora` returns).
+    """
+
+    def __init__(self, dir: str | Path, keep: int = 2) -> None:
+        if keep < 1:
+            raise ValueError(f"AdapterSync: keep must be >= 1, got {keep}")
+        self.dir = Path(dir)
+        self.keep = keep
+
+    def sync(self, model: nn.Module, generator: Any, version: int) -> float:
+        if _shares_weights(generator, model):
+            return 0.0
+        if not hasattr(model, "peft_config"):
+            raise TypeError(f"AdapterSync: {type(model).__name__} is not a peft model (no adapter to save)")
+        if not callable(getattr(generator, "set_lora", None)):
+            raise TypeError(f"AdapterSync: {type(generator).__name__} has no set_lora(path, version)")
+        start = time.perf_counter()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        final = self.dir / f"v{version:06d}"
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.dir))
+        try:
+            model.save_pretrained(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        generator.set_lora(str(final), version)
+        for old in sorted(self.dir.glob("v[0-9]*"))[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return time.perf_counter() - start
+
+
+class NoSync:
+    """For a generator that samples from the training model itself."""
+
+    def sync(self, model: nn.Module, generator: Any, version: int) -> float:
+        return 0.0
+
+
+SYNCS: dict[str, type] = {"merged": MergedSync, "adapter": AdapterSync, "none": NoSync}
+
+
+def make_sync(name: SyncName, **kwargs: Any) -> WeightSync:
+    """Build a weight sync strategy by name (`merged`, `adapter` (needs dir=...), `none`)."""
+    if name not in SYNCS:
+        raise ValueError(f"make_sync: unknown strategy {name!r}; choose one of {sorted(SYNCS)}")
+    return SYNCS[name](**kwargs)
