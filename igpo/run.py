@@ -42,3 +42,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("assets: %s", OmegaConf.to_container(cfg.assets, resolve=True))
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def compose_config(name: str = "train", overrides: list[str] | None = None, root: str | None = None) -> DictConfig:
+    """Compose a config outside a Hydra app (notebooks, benchmarks, tests); paths that would come from
+    Hydra's runtime (cwd, output dir) are set from `root` (default: the repository root)."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    repo = Path(__file__).resolve().parents[1]
+    root = str(root or repo)
+    base = [f"paths.root_dir={root}", f"paths.output_dir={root}/outputs/{name}/composed"]
+    with initialize_config_dir(str(repo / "conf"), version_base="1.3"):
+        return compose(name, overrides=base + list(overrides or []))
