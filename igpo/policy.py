@@ -57,6 +57,7 @@ class IGPOPolicy(L.LightningModule):
         torch_dtype: str = "float32",
         gradient_checkpointing: bool = False,
         shuffle_minibatches: bool = False,
+        keep_reference: bool = True,
     ) -> None:
         super().__init__()
         self.model_name = model
@@ -65,7 +66,7 @@ class IGPOPolicy(L.LightningModule):
         self.optim = optim or OptimSettings()
         self.ppo_epochs, self.mini_batch_size, self.micro_batch_size = ppo_epochs, mini_batch_size, micro_batch_size
         self.torch_dtype, self.gradient_checkpointing = torch_dtype, gradient_checkpointing
-        self.shuffle_minibatches = shuffle_minibatches
+        self.shuffle_minibatches, self.keep_reference = shuffle_minibatches, keep_reference
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the adapter only
         self.model: torch.nn.Module | None = None
@@ -94,7 +95,8 @@ class IGPOPolicy(L.LightningModule):
             import copy
 
             self.model = base
-            self.ref_model = copy.deepcopy(base).eval().requires_grad_(False)
+            if self.keep_reference:  # full fine-tune: the reference is a frozen copy of the start
+                self.ref_model = copy.deepcopy(base).eval().requires_grad_(False)
         self.model.train()
 
     def reference(self):

@@ -32,11 +32,13 @@ class SFTPolicy(IGPOPolicy):
         max_steps: int = 1000, max_seconds: float | None = None, warmup_steps: int = 30, min_lr_ratio: float = 0.1,
         torch_dtype: str = "float32", autocast_bf16: bool = False,
     ) -> None:
-        super().__init__(model, lora=lora or LoraSettings(enabled=False), optim=optim, torch_dtype=torch_dtype)
+        super().__init__(model, lora=lora or LoraSettings(enabled=False), optim=optim, torch_dtype=torch_dtype,
+                         keep_reference=False)
         self.automatic_optimization = True
         self.max_steps_budget, self.max_seconds = max_steps, max_seconds
         self.warmup_steps, self.min_lr_ratio, self.autocast_bf16 = warmup_steps, min_lr_ratio, autocast_bf16
         self._t0: float | None = None
+        self.losses: list[float] = []
 
     def progress(self) -> float:
         """Share of the budget used, in [0, 1]: time-based when max_seconds is set."""
@@ -68,6 +70,7 @@ class SFTPolicy(IGPOPolicy):
         logprobs, _ = token_logprobs_and_entropy(logits.float(), batch["input_ids"])
         mask = batch["loss_mask"]
         loss = -(logprobs * mask).sum() / mask.sum().clamp(min=1)
+        self.losses.append(float(loss.detach()))
         self.log_dict({"sft/loss": loss.detach(), "sft/lr": self.optimizers().param_groups[0]["lr"],
                        "sft/tokens": float(batch["attention_mask"].sum())}, on_step=True, prog_bar=True)
         if self.max_seconds is not None and self._t0 is not None and time.perf_counter() - self._t0 > self.max_seconds:
@@ -148,8 +151,9 @@ def run_sft(
     trainer.fit(policy, train_dataloaders=loader)
     seconds = time.perf_counter() - t0
     tokens = sum(len(e.token_ids) for e in episodes) * policy.global_step / max(len(batches), 1)
+    head, tail = policy.losses[:10], policy.losses[-10:]
     stats = {"steps": float(policy.global_step), "seconds": seconds,
-             "loss": float(trainer.callback_metrics.get("sft/loss", float("nan"))),
+             "loss_first10": sum(head) / max(len(head), 1), "loss_last10": sum(tail) / max(len(tail), 1),
              "epochs": policy.global_step / max(len(batches), 1), "tokens_per_s": tokens / max(seconds, 1e-9)}
     return policy.export(out_dir, tokenizer), stats
 

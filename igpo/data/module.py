@@ -41,6 +41,8 @@ class RolloutDataModule(L.LightningDataModule):
         protocol: Protocol | None = None,
         val_max_questions: int | None = 64,
         val_batch_size: int = 64,
+        val_temperature: float = 0.0,
+        val_samples: int = 1,
         seed: int = 0,
         load_options: dict | None = None,
     ) -> None:
@@ -52,6 +54,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.rollout_config = rollout or RolloutConfig()
         self.protocol = protocol or Protocol()
         self.val_max_questions, self.val_batch_size, self.seed = val_max_questions, val_batch_size, seed
+        self.val_temperature, self.val_samples = val_temperature, val_samples
         self.load_options = dict(load_options or {})
         self.steps_done = 0
         self.tokenizer = self.pieces = self.runner = None
@@ -157,11 +160,13 @@ class _ValStream(IterableDataset):
         return -(-len(self.dm.val_set) // self.dm.val_batch_size)
 
     def __iter__(self) -> Iterator[RolloutBatch]:
-        greedy = replace(self.dm.sampling, temperature=0.0)
-        qs = self.dm.val_set
-        for s in range(0, len(qs), self.dm.val_batch_size):
-            eps, _ = self.dm.runner.run(qs[s: s + self.dm.val_batch_size], 1, greedy, group_offset=s)
-            yield RolloutBatch.from_episodes(eps, self.dm.tokenizer.pad_token_id)
+        """Greedy by default; `val_temperature` > 0 samples `val_samples` episodes per question."""
+        dm = self.dm
+        sampling = replace(dm.sampling, temperature=dm.val_temperature)
+        qs = dm.val_set
+        for s in range(0, len(qs), dm.val_batch_size):
+            eps, _ = dm.runner.run(qs[s: s + dm.val_batch_size], dm.val_samples, sampling, group_offset=s)
+            yield RolloutBatch.from_episodes(eps, dm.tokenizer.pad_token_id)
 
 
 def _identity(x):
