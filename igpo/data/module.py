@@ -16,6 +16,7 @@ from dataclasses import replace
 
 import lightning as L
 from torch.utils.data import DataLoader, IterableDataset
+from tqdm.auto import tqdm
 
 from igpo.data.questions import load_questions
 from igpo.generator.base import Generator, SamplingConfig
@@ -121,14 +122,18 @@ class RolloutDataModule(L.LightningDataModule):
 
     def evaluate(
         self, questions: list[Question], sampling: SamplingConfig | None = None, samples: int = 1,
+        progress: bool = True,
     ) -> list[Episode]:
         """Episodes for `questions` (greedy by default), in chunks of `val_batch_size` questions."""
         sampling = sampling or replace(self.sampling, temperature=0.0)
         out: list[Episode] = []
         step = max(1, self.val_batch_size // max(samples, 1))
-        for s in range(0, len(questions), step):
-            eps, _ = self.runner.run(questions[s: s + step], samples, sampling, group_offset=s)
-            out += eps
+        with tqdm(total=len(questions), desc=f"eval T={sampling.temperature} x{samples}", unit="q",
+                  disable=not progress, leave=False) as bar:
+            for s in range(0, len(questions), step):
+                eps, _ = self.runner.run(questions[s: s + step], samples, sampling, group_offset=s)
+                out += eps
+                bar.update(min(step, len(questions) - s))
         return out
 
     def state_dict(self) -> dict:

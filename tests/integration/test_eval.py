@@ -25,6 +25,8 @@ from igpo.policy import IGPOPolicy, LoraSettings
 from igpo.prompts import encode, prompt_ids
 from igpo.types import Episode, Question, Turn
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = pa.schema([  # IGPO's parquet layout, with the ground truth as a list of aliases
     ("data_source", pa.string()),
@@ -89,14 +91,6 @@ def test_summarize_refuses_a_source_named_like_a_summary_row():
 
 
 # ---- fixtures: question file, corpus, checkpoint ---------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("evaldata")

@@ -19,8 +19,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from igpo.generator import Generator, HFGenerator, SamplingConfig, VLLMGenerator
 from igpo.models.tiny import build_tiny_model
 from igpo.prompts import encode, prompt_ids
+from tests.helpers import sharpen
 
-pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow, pytest.mark.vllm]
 pytest.importorskip("vllm")
 
 QUESTIONS = ["Where was Ras Ton born?", "Who founded Mika Labs?", "When was Zu Corp founded?",
@@ -29,15 +30,6 @@ QUESTIONS = ["Where was Ras Ton born?", "Who founded Mika Labs?", "When was Zu C
 START_SEARCH, START_ANSWER = "#", "@"
 SEARCH_CHAIN = "<think>I need the birthplace</think><search> headquartered</search><information>"
 ANSWER_CHAIN = "<answer> founded</answer><|im_end|>"
-
-
-def sharpen(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return model
 
 
 def save_model(model: torch.nn.Module, tokenizer, out: Path) -> Path:
@@ -111,15 +103,6 @@ class Engines:
         if self.gen is not None:
             self.gen.close()
         self.key = self.gen = None
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """vLLM's CPU worker serves with one torch thread; HF on a busy 2-core machine is faster so too."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

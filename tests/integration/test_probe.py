@@ -14,30 +14,11 @@ from transformers import AutoModelForCausalLM
 from igpo.algorithm.probe import ProbeParts, packed_probe, probe_inputs_from_episodes, reference_probe
 from igpo.prompts import ChatPieces, Protocol, encode, observation_text, prompt_ids
 from igpo.types import Episode, Question, RolloutBatch, Turn
+from tests.helpers import sharpen
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TOL = 1e-5
-
-
-def sharpen(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
-    """Re-draw the weights with std 0.1 (norms stay 1): the default init (std 0.02) gives a nearly uniform,
-    context-blind model, which would make agreement tests weak. With std 0.1 attention is sharp and
-    probe values move by whole nats with context and positions."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return model
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model gains nothing from threads, and on a busy 2-core machine OpenMP oversubscription makes
-    each forward ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])

