@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--eval-every", type=int, default=5)
-    ap.add_argument("--questions", type=int, default=16)
+    ap.add_argument("--questions", type=int, default=8)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--val-questions", type=int, default=100)
     ap.add_argument("--val-samples", type=int, default=2)
