@@ -21,21 +21,13 @@ import pytest
 
 from igpo import analysis
 from igpo.analysis import NotARunError
+from tests.integration.test_train import SMALL
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
 SWEEP = [pytest.mark.slow, pytest.mark.vllm]  # tests that use the real multirun
 TRAIN_TAGS = ["train/loss", "train/kl", "train/entropy", "reward/outcome", "reward/ig_mean",
               "adv/zero_std_group_frac", "episode/turns", "time/rollout_s"]
-SMALL = [  # as in test_train.py
-    "prepare.world.n_people=60", "prepare.world.n_companies=12", "prepare.world.n_cities=8",
-    "prepare.world.n_countries=3", "prepare.world.n_first_names=20", "prepare.world.n_last_names=20",
-    "prepare.tokenizer.vocab_size=512", "prepare.tokenizer_texts=100", "prepare.model.hidden_size=128",
-    "prepare.model.num_layers=2", "prepare.model.num_heads=2", "prepare.model.num_kv_heads=1",
-    "prepare.model.intermediate_size=256",
-    "data.questions_per_step=2", "data.group_size=3", "data.steps_per_epoch=2", "data.val_max_questions=3",
-    "data.sampling.max_new_tokens=16", "data.rollout.max_turns=2", "generator.dtype=float32",
-]
 CONFIG = """\
 seed: {seed}
 algorithm:

@@ -30,6 +30,7 @@ SMALL = [
     "prepare.model.intermediate_size=256",
     "data.questions_per_step=2", "data.group_size=3", "data.steps_per_epoch=2", "data.val_max_questions=3",
     "data.sampling.max_new_tokens=16", "data.rollout.max_turns=2", "generator.dtype=float32",
+    "prepare.sft=null", "prepare.oracle=null",
 ]
 
 
