@@ -39,7 +39,7 @@ def run_arm(arm: str, seed: int, args, out: Path) -> Path:
         f"data.val_max_questions={args.val_questions}",
         "data.val_questions=${assets.heldout_questions}", f"callbacks.episodes.n_dump={args.questions * args.group}",
         "callbacks.episodes.n_text=1", "callbacks.checkpoint.every_n_train_steps=1000000",
-        f"paths.output_dir={out}",
+        f"paths.output_dir={out}", *args.extra,
     ]
     cfg = compose_config("demo", overrides)
     dm, policy, trainer = build(cfg)
@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--val-samples", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "outputs" / "learning"))
     ap.add_argument("--results", default=str(ROOT / "docs" / "results"))
+    ap.add_argument("--extra", nargs="*", default=[], help="Hydra overrides for every run, e.g. algorithm.gamma=0.9")
     args = ap.parse_args()
     command = "python benchmarks/learning.py " + " ".join(sys.argv[1:])
     print(PREDICTION, flush=True)
