@@ -180,7 +180,8 @@ def report(results, gains, args, command: str, seconds: float) -> None:
         f"evaluation every {args.eval_every} steps on {args.val_questions} questions × {args.val_samples} samples "
         "at T=1 (EM per hop). All arms start from the same SFT checkpoint and see the same questions per step.", "",
         *lines, "", "Held-out 2-hop EM (sampled) by step, mean ± std over seeds:", "", *curve_lines, "",
-        "![curves](learning.png)", "", PREDICTION, "", summary, ""])
+        "![curves](learning.png)", "", "Per-kind probe gains and why the arms end close: probe_signal.md "
+        "(`python benchmarks/probe_signal.py`).", "", PREDICTION, "", summary, ""])
     (out / "learning.md").write_text(md)
     (out / "learning.json").write_text(json.dumps({"rows": rows, "summary": summary, "command": command}, indent=1,
                                                   default=float))
