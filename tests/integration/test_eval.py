@@ -24,6 +24,7 @@ from igpo.models.tiny import build_tiny_model
 from igpo.policy import IGPOPolicy, LoraSettings
 from igpo.prompts import encode, prompt_ids
 from igpo.types import Episode, Question, Turn
+from tests.helpers import make_bigram
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -159,16 +160,7 @@ def _scripted_model(tok, chain_text: str, out: Path) -> Path:
     transitions: dict[int, int] = {}
     for a, b in zip(ids, ids[1:], strict=False):
         assert transitions.setdefault(a, b) == b, f"token {tok.decode([a])!r} has two successors"
-    model = build_tiny_model(tok, tie_word_embeddings=False, seed=1)
-    emb = model.get_input_embeddings().weight
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        head = model.get_output_embeddings().weight
-        head.zero_()
-        for a, b in transitions.items():
-            head[b] += emb[a] / emb[a].norm()
+    model = make_bigram(build_tiny_model(tok, tie_word_embeddings=False, seed=1), transitions)
     model.generation_config.eos_token_id = [tok.convert_tokens_to_ids("<|im_end|>")]
     model.save_pretrained(out)
     tok.save_pretrained(out)

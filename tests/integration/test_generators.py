@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from igpo.generator import Generator, HFGenerator, SamplingConfig, VLLMGenerator
 from igpo.models.tiny import build_tiny_model
 from igpo.prompts import encode, prompt_ids
-from tests.helpers import sharpen
+from tests.helpers import make_bigram, sharpen
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow, pytest.mark.vllm]
 pytest.importorskip("vllm")
@@ -59,21 +59,12 @@ def scripted_dir(tok, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Bigram model: attention and MLP outputs are zero, so the residual stream is the current token's
     embedding and lm_head row b is aligned with embedding a for each scripted transition a -> b."""
     model = build_tiny_model(tok, tie_word_embeddings=False, seed=1)
-    emb = model.get_input_embeddings().weight
     transitions: dict[int, int] = {}
     for start, text in ((START_SEARCH, SEARCH_CHAIN), (START_ANSWER, ANSWER_CHAIN)):
         ids = chain_ids(tok, start) + chain_ids(tok, text)
         for a, b in zip(ids, ids[1:], strict=False):
             assert transitions.setdefault(a, b) == b, f"token {tok.decode([a])!r} has two successors"
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        head = model.get_output_embeddings().weight
-        head.zero_()
-        for a, b in transitions.items():
-            head[b] += emb[a] / emb[a].norm()
-    return save_model(model, tok, tmp_path_factory.mktemp("scripted"))
+    return save_model(make_bigram(model, transitions), tok, tmp_path_factory.mktemp("scripted"))
 
 
 def rss_gib() -> float:
