@@ -1,9 +1,9 @@
 """Trainer callbacks at the edges: weight sync to the generator, and episode logging.
 
 `WeightSyncCallback` pushes the updated policy into the generator after every optimizer step (and
-once at the start, so a resumed run samples from its restored adapter). `EpisodeLogger` writes a
-TensorBoard text summary of a few sampled episodes with their per-turn gains, a histogram of gains
-by turn index, and appends sampled episodes as JSONL under the run directory.
+at the start and before validation, so a resumed run or a fresh engine serves the current adapter).
+`EpisodeLogger` writes a TensorBoard text summary of a few sampled episodes with their per-turn gains,
+a histogram of gains by turn index, and appends sampled episodes as JSONL under the run directory.
 """
 
 from __future__ import annotations
@@ -29,6 +29,11 @@ class WeightSyncCallback(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         self._sync(trainer, pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module) -> None:
+        """A `trainer.validate` call may have started a fresh engine: serve the current policy."""
+        if not trainer.sanity_checking:
+            self._sync(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         seconds = self._sync(trainer, pl_module)

@@ -41,6 +41,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule, model, trainer = build(cfg)
     log.info("assets: %s", OmegaConf.to_container(cfg.assets, resolve=True))
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if datamodule.val_set and trainer.global_step % datamodule.steps_per_epoch:
+        trainer.validate(model, datamodule=datamodule)  # the last steps were not validated yet
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 

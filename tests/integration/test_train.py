@@ -147,3 +147,13 @@ def test_two_job_multirun(tmp_path, artifacts):
     assert run.returncode == 0, run.stderr[-3000:]
     for job in ("0", "1"):
         assert list((tmp_path / "sweep" / job).rglob("events.out.tfevents.*")), f"job {job} wrote no events"
+
+
+def test_train_validates_the_last_steps(tmp_path, artifacts):
+    from igpo.run import train
+
+    cfg = _cfg(tmp_path, artifacts, "trainer.max_steps=1", "data.steps_per_epoch=5")
+    metrics = train(cfg)
+    assert "val/em" in metrics  # validated although no epoch ended
+    scalars = _scalars(tmp_path / "out" / "tb")
+    assert [s for s, _ in scalars["val/em"]] == [1] and len(scalars["train/loss"]) == 1
