@@ -8,13 +8,15 @@ for it again (a second `make demo` skips straight to RL).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
+
+from igpo.io import atomic_write
 
 log = logging.getLogger(__name__)
 ARTIFACT_VERSION = 1  # bump when the code that builds an artifact changes its output
@@ -94,8 +96,6 @@ def _build_sft(base_dir: Path, out_dir: Path, files, world, sft: dict, oracle: d
         warmup_steps=int(sft.get("warmup_steps", 30)), seed=seed, autocast_bf16=bool(sft.get("bf16", True)),
         log_dir=out_dir.with_name(out_dir.name + ".logs"),
     )
-    manifest = {"trajectories": len(episodes), "oracle": vars(stats) if hasattr(stats, "__dict__") else str(stats),
-                "sft": train_stats, "data_seconds": time.perf_counter() - t0}
-    tmp = out / f".sft_manifest.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=1, default=str))
-    os.replace(tmp, out / "sft_manifest.json")
+    manifest = {"trajectories": len(episodes), "oracle": dataclasses.asdict(stats), "sft": train_stats,
+                "data_seconds": time.perf_counter() - t0}
+    atomic_write(out / "sft_manifest.json", json.dumps(manifest, indent=1, default=str))

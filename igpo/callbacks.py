@@ -54,7 +54,7 @@ class EpisodeLogger(L.Callback):
             return
         tok = trainer.datamodule.tokenizer
         picks = self.rng.sample(range(len(batch)), min(self.n_dump, len(batch)))
-        records = [episode_record(batch, i, tok, step) for i in picks]
+        records = [batch_record(batch, i, tok, step) for i in picks]
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         with open(log_dir / "episodes.jsonl", "a", encoding="utf-8") as f:
@@ -72,27 +72,35 @@ class EpisodeLogger(L.Callback):
             writer.add_histogram(f"gains/turn_{t}", _tensor(gs), step)
 
 
-def episode_record(batch: RolloutBatch, i: int, tokenizer, step: int) -> dict:
-    """A JSON-able view of episode i: question, gold, turns with text, query, docs, gain, advantage."""
-    ep: Episode = batch.episodes[i]
-    rewards = batch.turn_rewards[i] if batch.turn_rewards else []
-    advs = batch.turn_advantages[i] if batch.turn_advantages else []
-    probes = batch.probe_logprobs[i] if batch.probe_logprobs else []
-    turns = []
-    for t in ep.turns:
-        turns.append({
-            "index": t.index, "kind": t.kind, "text": t.text, "content": t.content,
-            "docs": [d.id for d in t.docs],
-            "probe_logprob": probes[t.index] if t.index < len(probes) else None,
-            "reward": rewards[t.index] if t.index < len(rewards) else None,
-            "advantage": advs[t.index] if t.index < len(advs) else None,
-        })
-    return {
-        "step": step, "question_id": ep.question.id, "question": ep.question.text,
-        "answers": ep.question.answers, "data_source": ep.question.data_source, "group": ep.group,
-        "finish": ep.finish, "answer": ep.answer, "turns": turns,
-        "text": tokenizer.decode(ep.token_ids) if tokenizer is not None else None,
+def episode_record(
+    ep: Episode, tokenizer=None, step: int | None = None, rewards: list[float] | None = None,
+    advantages: list[float] | None = None, probes: list[float] | None = None,
+) -> dict:
+    """A JSON-able view of one episode: question, gold, turns with text, query, doc ids and (when given)
+    the probe log-prob, reward and advantage of each turn, and the decoded token sequence."""
+
+    def at(values: list[float] | None, i: int) -> float | None:
+        return values[i] if values is not None and i < len(values) else None
+
+    turns = [{
+        "index": t.index, "kind": t.kind, "text": t.text, "content": t.content, "docs": [d.id for d in t.docs],
+        "probe_logprob": at(probes, t.index), "reward": at(rewards, t.index), "advantage": at(advantages, t.index),
+    } for t in ep.turns]
+    record = {
+        "question_id": ep.question.id, "question": ep.question.text, "answers": ep.question.answers,
+        "data_source": ep.question.data_source, "group": ep.group, "finish": ep.finish, "answer": ep.answer,
+        "turns": turns, "text": tokenizer.decode(ep.token_ids) if tokenizer is not None else None,
     }
+    return record if step is None else {"step": step, **record}
+
+
+def batch_record(batch: RolloutBatch, i: int, tokenizer, step: int) -> dict:
+    """`episode_record` of episode i of a trained batch, with its probes, rewards and advantages."""
+    def row(values: list[list[float]] | None) -> list[float] | None:
+        return values[i] if values is not None else None
+
+    return episode_record(batch.episodes[i], tokenizer, step, row(batch.turn_rewards), row(batch.turn_advantages),
+                          row(batch.probe_logprobs))
 
 
 def _markdown(r: dict) -> str:

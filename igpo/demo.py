@@ -36,7 +36,7 @@ def heldout_by_hop(path: str, per_hop: int, seed: int) -> dict[int, list[Questio
 
 
 def _hops(q: Question) -> int:
-    return int(q.data_source.split("_")[-1].rstrip("hop")) if q.data_source.startswith("synth_") else 0
+    return int(q.metadata.get("extra_info", {}).get("hops") or 0)  # written by igpo.data.world
 
 
 def evaluate(dm, questions: dict[int, list[Question]], samples: int, temperature: float) -> dict[str, dict]:

@@ -14,7 +14,6 @@ import copy
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
@@ -30,8 +29,9 @@ from igpo.algorithm.rewards import episode_metrics
 from igpo.callbacks import episode_record
 from igpo.data.questions import load_questions
 from igpo.generator.sync import NoSync
+from igpo.io import atomic_write
 from igpo.run import prepare_assets
-from igpo.types import Episode, Question, RolloutBatch
+from igpo.types import Episode, Question
 
 log = logging.getLogger(__name__)
 
@@ -218,37 +218,23 @@ def write_results(
     where = f"{meta.get('questions_file')}{ckpt}"
     table = (f"# eval: {where}\n\nmodel `{meta.get('model')}`, {meta.get('samples')} sample(s) per question, "
              f"temperature {meta.get('temperature')}\n\n{format_table(summary)}\n")
-    _atomic_write(out_dir / "eval_table.md", [table])
+    atomic_write(out_dir / "eval_table.md", [table])
     metrics = json.dumps({"summary": summary, "meta": meta}, indent=1)
-    _atomic_write(out_dir / "eval_metrics.json", [metrics + "\n"])
-    _atomic_write(out_dir / "episodes.jsonl", (json.dumps(r, ensure_ascii=False) + "\n"
+    atomic_write(out_dir / "eval_metrics.json", [metrics + "\n"])
+    atomic_write(out_dir / "episodes.jsonl", (json.dumps(r, ensure_ascii=False) + "\n"
                                                for r in episode_records(episodes, tokenizer)))
 
 
 def episode_records(episodes: Sequence[Episode], tokenizer: Any) -> Iterable[dict[str, Any]]:
     """JSON-able records: the training dump's fields (question, answers, turns with text, query and doc ids,
     decoded text), the sample index within its question, and the episode's metrics."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     seen: dict[int, int] = {}
     for ep in episodes:
-        record = episode_record(RolloutBatch.from_episodes([ep], pad), 0, tokenizer, step=0)
-        record.pop("step", None)
+        record = episode_record(ep, tokenizer)
         record["sample"] = seen.get(ep.group, 0)
         seen[ep.group] = record["sample"] + 1
         record["metrics"] = episode_metrics(ep)
         yield record
-
-
-def _atomic_write(path: Path, chunks: Iterable[str]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for chunk in chunks:
-                f.write(chunk)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _plain(value: Any) -> Any:

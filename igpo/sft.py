@@ -39,6 +39,7 @@ class SFTPolicy(IGPOPolicy):
         self.warmup_steps, self.min_lr_ratio, self.autocast_bf16 = warmup_steps, min_lr_ratio, autocast_bf16
         self._t0: float | None = None
         self.losses: list[float] = []
+        self.tokens_seen = 0
 
     def progress(self) -> float:
         """Share of the budget used, in [0, 1]: time-based when max_seconds is set."""
@@ -71,8 +72,9 @@ class SFTPolicy(IGPOPolicy):
         mask = batch["loss_mask"]
         loss = -(logprobs * mask).sum() / mask.sum().clamp(min=1)
         self.losses.append(float(loss.detach()))
-        self.log_dict({"sft/loss": loss.detach(), "sft/lr": self.optimizers().param_groups[0]["lr"],
-                       "sft/tokens": float(batch["attention_mask"].sum())}, on_step=True, prog_bar=True)
+        self.tokens_seen += int(batch["attention_mask"].sum())
+        self.log_dict({"sft/loss": loss.detach(), "sft/lr": self.optimizers().param_groups[0]["lr"]},
+                      on_step=True, prog_bar=True)
         if self.max_seconds is not None and self._t0 is not None and time.perf_counter() - self._t0 > self.max_seconds:
             self.trainer.should_stop = True
         return loss
@@ -150,11 +152,11 @@ def run_sft(
     t0 = time.perf_counter()
     trainer.fit(policy, train_dataloaders=loader)
     seconds = time.perf_counter() - t0
-    tokens = sum(len(e.token_ids) for e in episodes) * policy.global_step / max(len(batches), 1)
     head, tail = policy.losses[:10], policy.losses[-10:]
     stats = {"steps": float(policy.global_step), "seconds": seconds,
              "loss_first10": sum(head) / max(len(head), 1), "loss_last10": sum(tail) / max(len(tail), 1),
-             "epochs": policy.global_step / max(len(batches), 1), "tokens_per_s": tokens / max(seconds, 1e-9)}
+             "epochs": policy.global_step / max(len(batches), 1),
+             "tokens_per_s": policy.tokens_seen / max(seconds, 1e-9)}
     return policy.export(out_dir, tokenizer), stats
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import random
 import re
 from collections.abc import Iterable
@@ -23,6 +22,7 @@ from typing import Any
 
 import Stemmer
 
+from igpo.io import atomic_path, atomic_write
 from igpo.types import Doc, Question
 
 FORMAT_VERSION = 1  # bump when generation changes, so cached worlds (keyed by cfg_hash) are rebuilt
@@ -368,12 +368,6 @@ def world_files(out_dir: str | Path) -> WorldFiles:
                       {s: root / f"{s}.jsonl" for s in SPLITS}, {s: root / f"{s}.parquet" for s in SPLITS})
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _jsonl(rows: Iterable[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
 
@@ -411,9 +405,8 @@ def _write_parquet(path: Path, questions: list[Question]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(pa.Table.from_pylist(_parquet_rows(questions), schema=parquet_schema()), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(_parquet_rows(questions), schema=parquet_schema()), tmp)
 
 
 def write_world(world: World, out_dir: str | Path) -> WorldFiles:
@@ -422,14 +415,14 @@ def write_world(world: World, out_dir: str | Path) -> WorldFiles:
     files = world_files(out_dir)
     files.root.mkdir(parents=True, exist_ok=True)
     corpus = ({"id": d.id, "contents": f'"{d.title}"\n{d.text}'} for d in world.docs)
-    _atomic_write(files.corpus, _jsonl(corpus))
+    atomic_write(files.corpus, _jsonl(corpus))
     for split, qs in world.questions.items():
-        _atomic_write(files.jsonl[split], _jsonl(
+        atomic_write(files.jsonl[split], _jsonl(
             {"id": q.id, "question": q.text, "answers": q.answers, "data_source": q.data_source,
              "metadata": q.metadata} for q in qs))
         _write_parquet(files.parquet[split], qs)
     manifest = {"cfg_hash": cfg_hash(world.cfg), "cfg": asdict(world.cfg), "counts": world_counts(world)}
-    _atomic_write(files.manifest, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write(files.manifest, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     return files
 
 
