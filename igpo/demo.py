@@ -14,12 +14,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import hydra
-import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from igpo.algorithm.rewards import episode_metrics
 from igpo.data.questions import load_questions
+from igpo.evaluate import POOLED, summarize
 from igpo.run import build
 from igpo.types import Episode, Question
 
@@ -51,8 +50,8 @@ def evaluate(dm, questions: dict[int, list[Question]], samples: int, temperature
 
 
 def _mean(episodes: list[Episode]) -> dict[str, float]:
-    rows = [episode_metrics(e) for e in episodes]
-    return {k: float(np.mean([r[k] for r in rows])) for k in METRICS} | {"n": len(rows)}
+    pooled = summarize(episodes)[POOLED]  # the eval harness's definitions
+    return {k: pooled[k] for k in METRICS} | {"n": int(pooled["count"])}
 
 
 def table(before: dict, after: dict) -> str:
