@@ -108,11 +108,15 @@ def _parquet_rows(path: Path) -> Iterator[tuple[Question, str | None]]:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[Question, str | None]]:
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    with path.open("rb") as f:  # decoded line by line: a bad byte is reported with its line
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             where = f"line {lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM may open the file
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: {where}: invalid UTF-8 at byte {e.start}") from None
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
@@ -131,6 +135,8 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[Question, str | None]]:
                 raise _fail(path, where, "data_source", f"expected a string, got {source!r}")
             rest = {k: v for k, v in obj.items() if k not in ("question", "answers", "data_source", "id")}
             qid = obj.get("id")
+            if qid is not None and (isinstance(qid, bool) or not isinstance(qid, str | int) or qid == ""):
+                raise _fail(path, where, "id", f"expected a non-empty string or an integer, got {qid!r:.80}")
             split = obj.get("split")
             question = Question(id=str(lineno - 1 if qid is None else qid), text=text, answers=answers,
                                 data_source=source, metadata={"row": lineno - 1, **rest})

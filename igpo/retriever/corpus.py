@@ -48,10 +48,18 @@ def parse_contents(contents: str) -> tuple[str, str]:
     return title, rest.strip()
 
 
-def _open(path: Path) -> IO[str]:
+def _open(path: Path) -> IO[bytes]:
+    """Bytes, decoded line by line: an invalid UTF-8 byte is then a bad line with its number."""
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return path.open("r", encoding="utf-8")
+        return gzip.open(path, "rb")
+    return path.open("rb")
+
+
+def _decode(raw: bytes, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM may open the file
+    except UnicodeDecodeError as e:
+        raise ValueError(f"invalid UTF-8 at byte {e.start}") from None
 
 
 def _doc_from_line(line: str) -> Doc:
@@ -92,11 +100,11 @@ def iter_corpus(
     if not path.is_file():
         raise FileNotFoundError(f"corpus file not found: {path}")
     with _open(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             try:
-                yield _doc_from_line(line)
+                yield _doc_from_line(_decode(raw, lineno))
             except ValueError as e:
                 err = CorpusFormatError(path, lineno, str(e))
                 if on_error == "raise":

@@ -100,3 +100,56 @@ def test_bad_arguments(tmp_path: Path) -> None:
         list(iter_corpus(tmp_path / "nope.jsonl"))
     with pytest.raises(ValueError, match="on_error"):
         list(iter_corpus(FIXTURE, on_error="ignore"))  # type: ignore[arg-type]
+
+
+def test_invalid_utf8_is_a_bad_line_with_its_number(tmp_path: Path) -> None:
+    good = json.dumps({"id": "1", "contents": '"A"\na'}).encode()
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + good + b"\n" + b'{"id": "2", "contents": "caf\xe9"}\n' + good + b"\n")
+    with pytest.raises(CorpusFormatError, match=r"line 2: invalid UTF-8 at byte 28") as info:
+        list(iter_corpus(path))
+    assert info.value.line == 2
+    errors: list[CorpusFormatError] = []
+    assert [d.id for d in iter_corpus(path, on_error="skip", errors=errors)] == ["1", "1"]  # BOM line 1 reads
+    assert [e.line for e in errors] == [2]
+    gz = tmp_path / "c.jsonl.gz"
+    with gzip.open(gz, "wb") as f:
+        f.write(good + b"\n\xff\xfe\n")
+    with pytest.raises(CorpusFormatError, match="line 2: invalid UTF-8"):
+        list(iter_corpus(gz))
+
+
+def test_a_corpus_of_bad_lines_only_leaves_nothing_in_skip_mode(tmp_path: Path) -> None:
+    path = _write(tmp_path / "c.jsonl", ["{", "[]", json.dumps({"id": "x"})])
+    errors: list[CorpusFormatError] = []
+    assert list(iter_corpus(path, on_error="skip", errors=errors)) == []
+    assert [e.line for e in errors] == [1, 2, 3]
+
+
+# ---- a retriever that returns nothing: the episode goes on with a "No results." observation --------------
+class _EmptyRetriever:
+    def setup(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def search_batch(self, queries: list[str], k: int) -> list[list[Doc]]:
+        return [[] for _ in queries]
+
+
+def test_empty_search_results_become_a_no_results_observation(tiny_tokenizer) -> None:
+    from igpo.generator.base import SamplingConfig
+    from igpo.prompts import ChatPieces, encode
+    from igpo.rollout import RolloutConfig, RolloutRunner
+    from igpo.types import Question
+    from tests.unit.test_rollout import ScriptedGenerator
+
+    search, answer = "<think>t</think><search>xyzzy plugh</search>", "<think>t</think><answer>a</answer>"
+    runner = RolloutRunner(ScriptedGenerator(tiny_tokenizer, [search, answer]), _EmptyRetriever(), tiny_tokenizer,
+                           config=RolloutConfig(max_turns=3))
+    episodes, stats = runner.run([Question("q", "Where?", ["a"])], group_size=2, sampling=SamplingConfig())
+    pieces = ChatPieces.from_tokenizer(tiny_tokenizer)
+    expected = encode(tiny_tokenizer, f"{pieces.assistant_end}{pieces.user_open}<information>No results."
+                                      f"</information>{pieces.user_close}")
+    for ep in episodes:
+        assert ep.finish == "answer" and ep.turns[0].docs == [] and ep.turns[0].obs_ids == expected
+    assert stats.searches == 2 and stats.search_failures == 0

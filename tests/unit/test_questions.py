@@ -197,3 +197,17 @@ def test_shuffle_is_seeded_permutation(tmp_path: Path) -> None:
     assert s1 == load_questions(path, shuffle=True, seed=1)
     assert s1 != plain and sorted(q.id for q in s1) == sorted(q.id for q in plain)
     assert load_questions(path, shuffle=True, seed=2) != s1
+
+
+def test_jsonl_bad_bytes_bom_and_bad_ids_name_the_line(tmp_path: Path) -> None:
+    ok = json.dumps({"question": "ok?", "answers": ["y"]}).encode()
+    path = tmp_path / "bytes.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + ok + b"\n" + b'{"question": "caf\xe9?", "answers": ["a"]}\n')
+    with pytest.raises(ValueError, match=r"bytes.jsonl: line 2: invalid UTF-8 at byte 17"):
+        load_questions(path)
+    path.write_bytes(b"\xef\xbb\xbf" + ok + b"\n")  # a byte-order mark opening the file is fine
+    assert [q.text for q in load_questions(path)] == ["ok?"]
+    for bad_id in ({"a": 1}, [1], True, ""):
+        path.write_text(json.dumps({"question": "q?", "answers": ["a"], "id": bad_id}) + "\n")
+        with pytest.raises(ValueError, match=r"line 1: field 'id'"):
+            load_questions(path)
