@@ -1,11 +1,14 @@
-"""Atomic file writes: write to a temporary file beside the target, then rename over it, so a reader
-(or a crash) never sees a half-written file."""
+"""Atomic writes of files and directories: build beside the target, then rename into place, so a reader
+(or a crash) never sees a half-written file or directory."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -34,3 +37,48 @@ def atomic_write(path: str | Path, data: str | bytes | Iterable[str]) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             for chunk in [data] if isinstance(data, str) else data:
                 f.write(chunk)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, mode: int = 0o755) -> Iterator[Path]:
+    """Yield an empty temporary directory beside `path`; fill it inside the `with` block.
+
+    On success an existing `path` is first renamed aside, the new directory renamed to `path`, and only
+    then the old one removed: at every moment either the old or the new directory is complete at `path`
+    (a crash between the two renames leaves the old one under `.<name>.old-*`, never nothing). On error
+    the temporary directory is removed and `path` is left untouched. The directory gets `mode` (mkdtemp
+    would leave it private to the user).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        tmp.chmod(mode)
+        yield tmp
+        old = None
+        if path.exists() or path.is_symlink():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}-{time.time_ns()}")
+            os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.rename(old, path)  # put the old directory back
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
+def sha256_file(path: str | Path) -> str:
+    """The sha256 hex digest of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

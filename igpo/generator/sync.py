@@ -10,13 +10,14 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+from igpo.io import atomic_dir
 
 SyncName = Literal["merged", "adapter", "none"]
 
@@ -117,15 +118,8 @@ class AdapterSync:
         start = time.perf_counter()
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / f"v{version:06d}"
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.dir))
-        try:
+        with atomic_dir(final) as tmp:
             model.save_pretrained(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         generator.set_lora(str(final), version)
         for old in sorted(self.dir.glob("v[0-9]*"))[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)

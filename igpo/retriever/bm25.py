@@ -8,12 +8,9 @@ fingerprint of the corpus file and the parameters; `setup()` reloads it when bot
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,7 @@ from typing import Any
 import bm25s
 from bm25s.tokenization import Tokenizer
 
+from igpo.io import atomic_dir, sha256_file
 from igpo.retriever.corpus import iter_corpus
 from igpo.types import Doc
 
@@ -35,11 +33,7 @@ def file_fingerprint(path: str | Path, *, with_hash: bool = True) -> dict[str, A
     st = os.stat(path)
     out: dict[str, Any] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
     if with_hash:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        out["sha256"] = h.hexdigest()
+        out["sha256"] = sha256_file(path)
     return out
 
 
@@ -136,27 +130,13 @@ class BM25Retriever:
         model.index(tokenizer.to_tokenized_tuple(ids), show_progress=False)
         corpus = [{"id": d.id, "title": d.title, "text": d.text} for d in docs]
 
-        parent = self.index_dir.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{self.index_dir.name}.tmp-", dir=parent))
-        try:
-            tmp.chmod(0o755)  # mkdtemp makes it private; the index is as readable as the corpus
+        with atomic_dir(self.index_dir) as tmp:  # the index is as readable as the corpus (0o755)
             model.save(tmp, corpus=corpus, show_progress=False)
             tokenizer.save_vocab(tmp)
             tokenizer.save_stopwords(tmp)
             meta = {"params": self.params, "fingerprint": fingerprint, "num_docs": len(docs),
                     "corpus_path": str(self.corpus_path)}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-            old = None
-            if self.index_dir.exists():
-                old = parent / f".{self.index_dir.name}.old-{os.getpid()}-{time.time_ns()}"
-                os.rename(self.index_dir, old)
-            os.rename(tmp, self.index_dir)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         log.info("bm25 index of %d docs built in %.2f s at %s", len(docs), time.perf_counter() - start,
                  self.index_dir)
 

@@ -1,8 +1,8 @@
-"""Atomic writes: the target is replaced whole or not at all, and no temporary file is left behind."""
+"""Atomic writes: the target (file or directory) is replaced whole or not at all, and no temporary is left."""
 
 import pytest
 
-from igpo.io import atomic_path, atomic_write
+from igpo.io import atomic_dir, atomic_path, atomic_write
 
 
 def test_atomic_write_text_bytes_and_chunks(tmp_path):
@@ -31,3 +31,58 @@ def test_failed_write_keeps_the_old_file(tmp_path):
         tmp.write_text("new")
         raise ValueError
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+# ---- directories -----------------------------------------------------------------------------------
+def _tree(root):
+    return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_atomic_dir_creates_and_replaces_whole(tmp_path):
+    target = tmp_path / "sub" / "model"
+    with atomic_dir(target) as tmp:
+        assert tmp.parent == target.parent and tmp != target and not target.exists()
+        (tmp / "a.txt").write_text("one")
+        (tmp / "nested").mkdir()
+        (tmp / "nested" / "b.txt").write_text("two")
+    assert _tree(target) == {"a.txt": "one", "nested/b.txt": "two"}
+    assert (target.stat().st_mode & 0o777) == 0o755  # not mkdtemp's private 0o700
+    with atomic_dir(target) as tmp:
+        (tmp / "c.txt").write_text("three")
+    assert _tree(target) == {"c.txt": "three"}  # the old files are gone, not merged
+    assert [p.name for p in target.parent.iterdir()] == ["model"]  # no temporary or old dir left
+
+
+def test_atomic_dir_failure_mid_write_keeps_the_old_dir(tmp_path):
+    target = tmp_path / "index"
+    target.mkdir()
+    (target / "data.bin").write_text("old")
+    with pytest.raises(RuntimeError, match="disk full"), atomic_dir(target) as tmp:
+        (tmp / "data.bin").write_text("half")
+        raise RuntimeError("disk full")
+    assert _tree(target) == {"data.bin": "old"}
+    assert [p.name for p in tmp_path.iterdir()] == ["index"]
+    with pytest.raises(KeyboardInterrupt), atomic_dir(tmp_path / "fresh") as tmp:
+        raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.iterdir()] == ["index"]
+
+
+def test_atomic_dir_failed_rename_puts_the_old_dir_back(tmp_path, monkeypatch):
+    """The target is never deleted before the new directory is in place: if the final rename fails, the
+    old directory (already moved aside) returns to its name."""
+    import os
+
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "w").write_text("old")
+    real = os.rename
+
+    def rename(src, dst):
+        if str(src).startswith(str(tmp_path / ".adapter.tmp-")):
+            raise OSError("cross-device link")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="cross-device"), atomic_dir(target) as tmp:
+        (tmp / "w").write_text("new")
+    assert _tree(target) == {"w": "old"} and [p.name for p in tmp_path.iterdir()] == ["adapter"]
