@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import math
 import sys
 from pathlib import Path
@@ -22,22 +21,22 @@ sys.path.insert(0, str(ROOT))
 
 
 def classify(runs: Path, arm: str, questions: dict) -> dict[str, list[tuple[float, float]]]:
+    """(ΔP, Δlog p) per kind of search (`igpo.analysis.classify_searches`), plus the question-only probe
+    (P, log p) of every episode as `P0_Hhop`, over the episode dumps of the arm's seeds."""
+    import pandas as pd
+
+    from igpo import analysis
+
     stats: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
     for path in sorted(runs.glob(f"{arm}_seed*/tb/episodes.jsonl")):
-        for line in path.read_text().splitlines():
-            r = json.loads(line)
-            info = questions[r["question_id"]].metadata["extra_info"]
-            gold, hops = list(info["docs"]), int(info["hops"])
-            probes = [t["probe_logprob"] for t in r["turns"]]
-            stats[f"P0_{hops}hop"].append((math.exp(probes[0]), probes[0]))
-            seen: set[str] = set()
-            for i, t in enumerate(r["turns"][:-1]):
-                if t["kind"] != "search":
-                    continue
-                new = [d for d in t["docs"] if d in gold and d not in seen]
-                kind = f"hop{gold.index(new[0]) + 1}_of_{hops}" if new else f"useless_{hops}hop"
-                stats[kind].append((math.exp(probes[i + 1]) - math.exp(probes[i]), probes[i + 1] - probes[i]))
-                seen |= set(t["docs"])
+        episodes = analysis.load_episodes(path)
+        for ep in episodes.itertuples(index=False):
+            hops = int(questions[ep.question_id].metadata["extra_info"]["hops"])
+            p0 = float(ep.turns[0]["probe_logprob"])
+            stats[f"P0_{hops}hop"].append((math.exp(p0), p0))
+        searches = analysis.classify_searches(episodes, questions) if len(episodes) else pd.DataFrame()
+        for row in searches.itertuples(index=False):
+            stats[row.kind].append((row.gain_prob, row.gain_logprob))
     return stats
 
 

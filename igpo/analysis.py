@@ -1,10 +1,13 @@
 """Read training and eval run directories for notebooks: config, overrides, TensorBoard scalars, episodes.
 
 A run directory is one with `.hydra/config.yaml` (what `train.py` and `eval.py` write, one per multirun
-job under `multirun/<task>/<time>/<job_num>/`). Everything here only reads: scalars come from the
+job under `multirun/<task>/<time>/<job_num>/`). Everything here only reads: what the run used from
+`resolved_config.yaml` and `versions.json` (`igpo.protocol.write_run_metadata`), scalars from the
 TensorBoard event files (`<run>/tb/`), sampled episodes from `episodes.jsonl` (`EpisodeLogger` writes it
-next to the events, `eval.py` at the run root), eval summaries from `eval_metrics.json`. Functions take a
-`Run` or a path, and return pandas DataFrames in long form so notebooks can pivot and plot them.
+next to the events, `eval.py` at the run root), eval summaries and result records from
+`eval_metrics.json`, hyperparameters from checkpoints. Functions take a `Run` or a path, and return
+pandas DataFrames in long form so notebooks can pivot and plot them. `compare` builds a results table
+from `igpo.protocol.ResultRecord`s and refuses to mix metrics, question files or corpora in a column.
 """
 
 from __future__ import annotations
@@ -15,12 +18,16 @@ import math
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
+
+from igpo.protocol import STRICT_FIELDS, MeasurementProtocol, ResultRecord, protocol_from_config, read_run_metadata
+from igpo.stats import align, bootstrap_mean, per_question
 
 CONFIG = Path(".hydra") / "config.yaml"
 EVENTS = "events.out.tfevents.*"
@@ -49,6 +56,9 @@ class Run:
     tb_dir:    the TensorBoard log directory, None when the run wrote no event files (e.g. eval runs).
     job_num:   the job's number within its multirun, None for a single run.
     sweep_dir: the multirun directory holding `multirun.yaml`, None for a single run.
+    resolved:  `resolved_config.yaml`: the config as the run used it (interpolations and prepared asset
+               paths filled in), None for runs that did not write it.
+    versions:  `versions.json`: igpo, torch, vllm, transformers, ... versions ({} when absent).
     """
 
     path: Path
@@ -57,6 +67,8 @@ class Run:
     tb_dir: Path | None
     job_num: int | None = None
     sweep_dir: Path | None = None
+    resolved: DictConfig | None = field(default=None, repr=False)
+    versions: dict[str, str | None] = field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:
@@ -64,8 +76,18 @@ class Run:
         return f"{self.sweep_dir.name}/{self.job_num}" if self.sweep_dir is not None else self.path.name
 
     def get(self, key: str, default: Any = None) -> Any:
-        """A config value by dotted key (`algorithm.name`, `seed`), or `default` where absent or `???`."""
+        """A config value by dotted key (`algorithm.name`, `seed`), or `default` where absent or `???`;
+        from the resolved config when the run wrote one."""
+        if self.resolved is not None:
+            value = OmegaConf.select(self.resolved, key, default=None)
+            if value is not None and value != "???":
+                return value
         return OmegaConf.select(self.config, key, default=default)
+
+    @property
+    def checkpoints(self) -> list[Path]:
+        """The run's checkpoint files (`*.ckpt` under `checkpoints/`), sorted by name."""
+        return sorted((self.path / "checkpoints").glob("*.ckpt"))
 
 
 # ---- finding runs ---------------------------------------------------------------------------------
@@ -87,9 +109,10 @@ def load_run(path: PathLike) -> Run:
     config = OmegaConf.create(_replace_hydra_refs(raw, runtime))
     sweep_dir = path.parent if (path.parent / "multirun.yaml").is_file() else None
     job_num = hydra.get("job", {}).get("num") if sweep_dir is not None else None
+    resolved, versions = read_run_metadata(path)
     return Run(path=path, overrides=_parse_overrides(path / ".hydra" / "overrides.yaml"), config=config,
                tb_dir=_find_tb_dir(path, config), job_num=None if job_num is None else int(job_num),
-               sweep_dir=sweep_dir)
+               sweep_dir=sweep_dir, resolved=resolved, versions=versions)
 
 
 def find_runs(root: PathLike) -> list[Run]:
@@ -125,14 +148,18 @@ def runs_table(runs: Iterable[Run], keys: Iterable[str] = ("algorithm.name", "se
 
 
 def run_assets(run: Run | PathLike) -> dict[str, str | None]:
-    """The asset paths a run used (model, corpus, question files). The saved config holds `???` where
-    `prepare` filled them at run time, so the values `igpo.run.train` logged (`assets: {...}` in the run's
-    `*.log`) fill the gaps; {} when neither has them."""
+    """The asset paths a run used (model, tokenizer, corpus, question files), from its
+    `resolved_config.yaml`. Runs written before igpo saved that file hold `???` in `.hydra/config.yaml`
+    where `prepare` filled the paths at run time; for them the `assets: {...}` line `igpo.run` logged
+    fills the gaps. {} when none of these has them."""
     run = _as_run(run)
+    if run.resolved is not None and run.resolved.get("assets") is not None:
+        assets = OmegaConf.to_container(run.resolved.assets, resolve=False)
+        return {k: v for k, v in assets.items() if isinstance(v, str | type(None)) and v != "???"}
     assets = OmegaConf.to_container(run.config.get("assets") or OmegaConf.create({}), resolve=False)
     out = {k: v for k, v in assets.items()
            if isinstance(v, str | type(None)) and v != "???" and "${" not in str(v)}
-    for log in sorted(run.path.glob("*.log")):
+    for log in sorted(run.path.glob("*.log")):  # legacy runs only
         for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
             m = _ASSETS_LOG.search(line)
             if m:
@@ -232,18 +259,10 @@ def gains_by_usefulness(turns: pd.DataFrame, corpus: Mapping[str, str] | PathLik
     [index, useful, count, mean, std, pos_frac]. A search is useful when one of its retrieved documents
     (looked up in `corpus`: {doc id: text}, or a Search-R1 jsonl file) contains a gold answer (normalised
     as the EM reward does). A proxy: the bridge document of a multi-hop question counts as not useful."""
-    from igpo.algorithm.rewards import normalize_answer, split_aliases
-
-    texts = corpus if isinstance(corpus, Mapping) else _corpus_texts(Path(corpus))
-    search = turns[(turns["kind"] == "search") & turns["gain"].notna()].copy()
-    unknown = sorted({d for docs in search["docs"] for d in docs if d not in texts})
-    if unknown:
-        raise LookupError(f"gains_by_usefulness: {len(unknown)} doc id(s) not in the corpus, "
-                          f"e.g. {unknown[:3]}")
-    norm = {d: f" {normalize_answer(texts[d])} " for docs in search["docs"] for d in docs}
-    aliases = [[a for a in map(normalize_answer, split_aliases(gold)) if a] for gold in search["answers"]]
-    search["useful"] = [any(f" {a} " in norm[d] for d in docs for a in golds)
-                        for docs, golds in zip(search["docs"], aliases, strict=True)]
+    try:
+        search = mark_gold_retrieved(turns, corpus).rename(columns={"gold_retrieved": "useful"})
+    except LookupError as e:
+        raise LookupError(f"gains_by_usefulness: {e}") from None
     grouped = search.groupby(["index", "useful"])["gain"]
     out = grouped.agg(count="count", mean="mean", std="std")
     out["pos_frac"] = grouped.apply(lambda g: float((g > 0).mean()))
@@ -259,6 +278,262 @@ def load_eval(run_or_dir: Run | PathLike) -> pd.DataFrame:
     if not isinstance(summary, dict):
         raise ValueError(f"{path}: no 'summary' mapping")
     return pd.DataFrame.from_dict(summary, orient="index").rename_axis("source")
+
+
+# ---- self-describing runs ---------------------------------------------------------------------------
+def checkpoint_hparams(ckpt_path: PathLike) -> dict[str, Any]:
+    """The hyperparameters a Lightning checkpoint carries (`hyper_parameters`, written by
+    `save_hyperparameters`), as plain data; {} when it has none. The file is unpickled (Lightning
+    checkpoints hold optimizer states): read only checkpoints you trust."""
+    import torch
+
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint_hparams: no such file: {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if hp is None:
+        return {}
+    return OmegaConf.to_container(hp, resolve=True) if OmegaConf.is_config(hp) else dict(hp)
+
+
+# ---- results with their protocol ----------------------------------------------------------------------
+def load_records(run_or_dir: Run | PathLike) -> list[ResultRecord]:
+    """The result records an eval run wrote into `eval_metrics.json` (one per source row and metric)."""
+    path = (run_or_dir.path if isinstance(run_or_dir, Run) else Path(run_or_dir)) / "eval_metrics.json"
+    if not path.is_file():
+        raise NotARunError(f"{path.parent}: no eval_metrics.json (eval.py writes it at the end of a run)")
+    records = json.loads(path.read_text(encoding="utf-8")).get("records")
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: no 'records' list (written by an igpo older than its protocol records)")
+    return [ResultRecord.from_dict(r) for r in records]
+
+
+def recent_episodes(episodes: pd.DataFrame, last_steps: int | None) -> pd.DataFrame:
+    """The episodes of the last `last_steps` logged training steps (all of them when None or for eval
+    episodes, which have no step)."""
+    if last_steps is None or not episodes["step"].notna().any():
+        return episodes
+    steps = sorted(episodes["step"].dropna().unique())[-last_steps:]
+    return episodes[episodes["step"].isin(steps)]
+
+
+def episode_scores(episodes: pd.DataFrame | Run | PathLike, metric: str = "em",
+                   last_steps: int | None = None) -> dict[str, float]:
+    """Per question id, the mean `metric` (em or f1, no format penalty: an episode that did not finish
+    with an answer scores 0) over the logged episodes, of the last `last_steps` training steps only when
+    given. Eval episodes carry their metrics; training episodes are scored here from answer and gold."""
+    from igpo.algorithm.rewards import exact_match, f1
+
+    if not isinstance(episodes, pd.DataFrame):
+        episodes = load_episodes(episodes)
+    if metric not in ("em", "f1"):
+        raise ValueError(f"episode_scores: metric must be 'em' or 'f1', got {metric!r}")
+    episodes = recent_episodes(episodes, last_steps)
+    score, stored = (exact_match if metric == "em" else f1), f"metrics.{metric}"
+    pairs = []
+    for ep in episodes.to_dict("records"):
+        value = ep.get(stored)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            value = score(ep["answer"], list(ep["answers"])) if ep["finish"] == "answer" and ep["answer"] else 0.0
+        pairs.append((str(ep["question_id"]), float(value)))
+    if not pairs:
+        raise ValueError("episode_scores: no episodes (after the step filter)")
+    return per_question(pairs)
+
+
+def train_protocol(run: Run | PathLike) -> MeasurementProtocol:
+    """The protocol of a training run's logged episodes: the training question file, the run's corpus and
+    retriever, its sampling settings, the group size as samples per question, its seed."""
+    run = _as_run(run)
+    cfg = run.resolved if run.resolved is not None else run.config
+    cfg = OmegaConf.merge(cfg, {"assets": run_assets(run)})  # legacy runs: paths from the log
+    return protocol_from_config(
+        cfg, data_path=run_assets(run).get("train_questions"),
+        temperature=float(OmegaConf.select(cfg, "data.sampling.temperature", default=1.0)),
+        samples=int(OmegaConf.select(cfg, "data.group_size", default=1)))
+
+
+def run_records(run: Run | PathLike, metrics: Iterable[str] = ("em", "f1"), last_steps: int | None = None,
+                label: str | None = None, n_boot: int = 2000) -> list[ResultRecord]:
+    """Result records of a training run from its episode dump (source "train"; protocol:
+    `train_protocol`), each with a bootstrap CI over questions; an eval run's own records
+    (`load_records`) when it has `eval_metrics.json`."""
+    run = _as_run(run)
+    if (run.path / "eval_metrics.json").is_file():
+        return load_records(run)
+    episodes = recent_episodes(load_episodes(run), last_steps)
+    protocol = train_protocol(run)
+    out = []
+    for metric in metrics:
+        est = bootstrap_mean(list(episode_scores(episodes, metric).values()), n_boot=n_boot)
+        out.append(ResultRecord.from_estimate(label or run.name, "train", metric, est, len(episodes), protocol,
+                                              last_steps=last_steps))
+    return out
+
+
+def pooled_record(runs: Iterable[Run | PathLike], label: str, metric: str = "em", last_steps: int | None = None,
+                  n_boot: int = 2000) -> ResultRecord:
+    """One record for several seeds of one training setting: the runs' per-question scores as [S, Q] when
+    they all saw the same questions (seeds and questions resampled), else pooled as one [Σ Q] array
+    (questions resampled; the seed-to-seed spread is then only partly in the CI). Refuses runs whose
+    protocols differ in anything but the seed."""
+    runs = [_as_run(r) for r in runs]
+    if not runs:
+        raise ValueError("pooled_record: no runs")
+    protocols = [train_protocol(r) for r in runs]
+    for r, p in zip(runs[1:], protocols[1:], strict=True):
+        diff = [k for k, v in p.to_dict().items() if k != "seeds" and v != protocols[0].to_dict()[k]]
+        if diff:
+            raise ValueError(f"pooled_record: {r.name} differs from {runs[0].name} in {diff}")
+    frames = [recent_episodes(load_episodes(r), last_steps) for r in runs]
+    per_run = [episode_scores(f, metric) for f in frames]
+    if len(per_run) > 1 and all(set(d) == set(per_run[0]) for d in per_run):
+        _, scores = align(per_run)
+    else:
+        scores = [v for d in per_run for v in d.values()]
+    est = bootstrap_mean(scores, n_boot=n_boot)
+    protocol = replace(protocols[0], seeds=tuple(s for p in protocols for s in p.seeds))
+    return ResultRecord(label, "train", metric, est.mean, est.lo, est.hi, est.level, est.n_questions,
+                        sum(len(f) for f in frames), protocol,
+                        {"runs": [r.name for r in runs], "n_seeds": est.n_seeds, "last_steps": last_steps})
+
+
+def protocol_table(records: Iterable[ResultRecord]) -> pd.DataFrame:
+    """One row per record: label, source, metric, value, CI and every protocol field (to see what differs)."""
+    rows = [{"label": r.label, "source": r.source, "metric": r.metric, "mean": r.mean, "lo": r.lo, "hi": r.hi,
+             "questions": r.questions, "episodes": r.episodes, **r.protocol.to_dict()} for r in records]
+    return pd.DataFrame(rows)
+
+
+def compare(records: Iterable[ResultRecord], rows: str = "label", columns: str = "source",
+            allow_mixed: bool = False) -> pd.DataFrame:
+    """A results table: one row per value of `rows` (a record or protocol field), one column group
+    (mean, lo, hi) per value of `columns`. Refuses (ValueError naming the fields and their values) to put
+    records measured differently into one column — another metric, question file (sha256) or corpus
+    (index fingerprint), `igpo.protocol.STRICT_FIELDS` — unless `allow_mixed=True`. Protocol fields shared
+    by all records are in `table.attrs["protocol"]`, the others' names in `table.attrs["differs"]`."""
+    records = list(records)
+    if not records:
+        raise ValueError("compare: no records")
+    by_col: dict[Any, list[ResultRecord]] = {}
+    for r in records:
+        by_col.setdefault(r.value_of(columns), []).append(r)
+    problems = []
+    for col, recs in by_col.items():
+        for name in STRICT_FIELDS:
+            values = sorted({str(r.value_of(name)) for r in recs})
+            if len(values) > 1:
+                who = "; ".join(f"{r.label}: {r.value_of(name)}" for r in recs)
+                problems.append(f"column {col!r}: {name} differs ({who})")
+    if problems and not allow_mixed:
+        raise ValueError("compare: results measured differently in one column (pass allow_mixed=True to "
+                         "show them anyway):\n  " + "\n  ".join(problems))
+    cells: dict[tuple[Any, Any], ResultRecord] = {}
+    for r in records:
+        key = (r.value_of(rows), r.value_of(columns))
+        if key in cells:
+            raise ValueError(f"compare: two records for {rows}={key[0]!r}, {columns}={key[1]!r}; "
+                             "label them apart or pick other rows/columns")
+        cells[key] = r
+    row_keys = list(dict.fromkeys(k[0] for k in cells))
+    col_keys = list(by_col)
+    data = {(c, stat): [getattr(cells[(rk, c)], stat) if (rk, c) in cells else math.nan for rk in row_keys]
+            for c in col_keys for stat in ("mean", "lo", "hi")}
+    table = pd.DataFrame(data, index=pd.Index(row_keys, name=rows))
+    table.columns = pd.MultiIndex.from_tuples(table.columns, names=[columns, "stat"])
+    protocols = [r.protocol.to_dict() for r in records]
+    shared = {k: v for k, v in protocols[0].items() if all(p[k] == v for p in protocols)}
+    table.attrs["protocol"] = shared
+    table.attrs["differs"] = sorted(set(protocols[0]) - set(shared))
+    if problems:
+        table.attrs["mixed"] = problems
+    return table
+
+
+# ---- turn credit -------------------------------------------------------------------------------------
+def mark_gold_retrieved(turns: pd.DataFrame, corpus: Mapping[str, str] | PathLike) -> pd.DataFrame:
+    """Search turns of `turns_frame` with a gain, plus `gold_retrieved`: whether one of the turn's
+    retrieved documents (looked up in `corpus`: {doc id: text}, or a Search-R1 jsonl file) contains a
+    gold answer as whole words (normalised as the EM reward does)."""
+    from igpo.algorithm.rewards import normalize_answer, split_aliases
+
+    texts = corpus if isinstance(corpus, Mapping) else _corpus_texts(Path(corpus))
+    search = turns[(turns["kind"] == "search") & turns["gain"].notna()].copy()
+    unknown = sorted({d for docs in search["docs"] for d in docs if d not in texts})
+    if unknown:
+        raise LookupError(f"{len(unknown)} doc id(s) not in the corpus, e.g. {unknown[:3]}")
+    norm = {d: f" {normalize_answer(texts[d])} " for docs in search["docs"] for d in docs}
+    aliases = [[a for a in map(normalize_answer, split_aliases(gold)) if a] for gold in search["answers"]]
+    search["gold_retrieved"] = [any(f" {a} " in norm[d] for d in docs for a in golds)
+                                for docs, golds in zip(search["docs"], aliases, strict=True)]
+    return search
+
+
+def advantage_collapse(episodes: pd.DataFrame | Run | PathLike, group_size: int | None = None) -> pd.DataFrame:
+    """Per training step, the share of groups (episodes of one question) whose rewards cannot rank them:
+    `outcome_equal` = all outcomes equal (GRPO's advantage is 0 for every token), `all_equal` = all turn
+    rewards equal as well (IGPO's advantage is 0 too; gains usually break the tie). Columns [step, groups,
+    outcome_equal, all_equal]. Only complete groups count: with `group_size`, groups with fewer logged
+    episodes (EpisodeLogger dumps `n_dump` episodes per step) are skipped."""
+    if not isinstance(episodes, pd.DataFrame):
+        episodes = load_episodes(episodes)
+    rows = []
+    for step, at_step in episodes.groupby("step"):
+        out_eq = all_eq = n = 0
+        for _, g in at_step.groupby(["question_id", "group"]):
+            if group_size is not None and len(g) < group_size:
+                continue
+            n += 1
+            outcomes = g["outcome"].to_numpy(dtype=float)
+            same_outcome = bool(np.allclose(outcomes, outcomes[0], atol=1e-9))
+            pool = np.array([x for gains in g["gains"] for x in gains] + list(outcomes), dtype=float)
+            out_eq += same_outcome
+            all_eq += same_outcome and bool(np.allclose(pool, pool[0], atol=1e-9))
+        rows.append({"step": step, "groups": n, "outcome_equal": out_eq / n if n else math.nan,
+                     "all_equal": all_eq / n if n else math.nan})
+    return pd.DataFrame(rows, columns=["step", "groups", "outcome_equal", "all_equal"])
+
+
+def classify_searches(episodes: pd.DataFrame | Run | PathLike, questions: Mapping[str, Any] | PathLike) -> pd.DataFrame:
+    """Every search turn that has a probe after it, classified by the first not-yet-seen gold-chain
+    document it retrieved: `hopK_of_H` (the K-th document of an H-hop chain) or `useless_Hhop` (no new
+    gold document). `questions` maps question ids to questions whose metadata holds the synthetic world's
+    `extra_info` (`docs`: the chain's gold documents in order, `hops`), or is a question file. Columns:
+    [episode, step, question_id, index, hops, kind, hop_kind (answer hop / bridge hop / useless),
+    gain_prob (ΔP), gain_logprob (Δlog p)] — both gain modes from the stored probe log-probs."""
+    if not isinstance(episodes, pd.DataFrame):
+        episodes = load_episodes(episodes)
+    if not isinstance(questions, Mapping):
+        from igpo.data.questions import load_questions
+
+        questions = {q.id: q for q in load_questions(str(questions))}
+    rows = []
+    for ep in episodes.itertuples(index=False):
+        q = questions.get(str(ep.question_id))
+        meta = (getattr(q, "metadata", q) or {}) if q is not None else {}
+        info = meta.get("extra_info", meta)  # a question file's extra_info, or a world question's metadata
+        if not info or "docs" not in info:
+            raise LookupError(f"classify_searches: question {ep.question_id!r} has no extra_info with the "
+                              "chain's gold docs (a synthetic-world question file is needed)")
+        gold, hops = list(info["docs"]), int(info["hops"])
+        probes = [_num(t.get("probe_logprob")) for t in ep.turns]
+        seen: set[str] = set()
+        for i, t in enumerate(ep.turns[:-1]):
+            if t.get("kind") != "search":
+                continue
+            new = [d for d in t.get("docs") or [] if d in gold and d not in seen]
+            k = gold.index(new[0]) + 1 if new else None
+            rows.append({
+                "episode": ep.episode, "step": ep.step, "question_id": ep.question_id, "index": i, "hops": hops,
+                "kind": f"hop{k}_of_{hops}" if k else f"useless_{hops}hop",
+                "hop_kind": "useless" if k is None else ("answer hop" if k == hops else "bridge hop"),
+                "gain_prob": math.exp(probes[i + 1]) - math.exp(probes[i]),
+                "gain_logprob": probes[i + 1] - probes[i],
+            })
+            seen |= set(t.get("docs") or [])
+    cols = ["episode", "step", "question_id", "index", "hops", "kind", "hop_kind", "gain_prob", "gain_logprob"]
+    return pd.DataFrame(rows, columns=cols)
 
 
 # ---- helpers --------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ loads a checkpoint's adapter into the policy and pushes it to the generator with
 sync, runs `samples` episodes per question at `temperature` (0 = greedy), and writes `eval_table.md`,
 `eval_metrics.json` and `episodes.jsonl` atomically. `summarize` and `format_table` are plain functions
 for notebooks. Per-episode metrics come from `igpo.algorithm.rewards.episode_metrics` (the one definition).
+`eval_metrics.json` also holds one `igpo.protocol.ResultRecord` per row and metric: the value with its
+bootstrap CI over questions and the protocol (data file hash, corpus fingerprint, sampling, episodes, seed).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from igpo.callbacks import episode_record
 from igpo.data.questions import load_questions
 from igpo.generator.sync import NoSync
 from igpo.io import atomic_write
+from igpo.protocol import MeasurementProtocol, ResultRecord, protocol_from_config
 from igpo.run import prepare_assets
+from igpo.stats import bootstrap_mean, per_question
 from igpo.types import Episode, Question
 
 log = logging.getLogger(__name__)
@@ -41,6 +45,8 @@ COLUMNS = (  # (summary key, table header, scale, decimals)
     ("em", "EM", 100.0, 1), ("f1", "F1", 100.0, 1), ("format_ok", "format ok", 100.0, 1),
     ("searches", "searches/ep", 1.0, 2), ("turns", "turns/ep", 1.0, 2),
 )
+RECORD_METRICS = ("em", "f1")  # the metrics that get a ResultRecord (with a CI) per row
+BOOTSTRAP_SAMPLES = 2000
 
 
 # ---- metrics ---------------------------------------------------------------------------------------
@@ -73,6 +79,35 @@ def summarize(episodes: Iterable[Episode]) -> dict[str, dict[str, float]]:
 def _row(rows: list[dict[str, float]], questions: int) -> dict[str, float]:
     means = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
     return {"count": len(rows), "questions": questions, **means}
+
+
+def result_records(
+    episodes: Sequence[Episode], protocol: MeasurementProtocol, label: str,
+    metrics: Iterable[str] = RECORD_METRICS, n_boot: int = BOOTSTRAP_SAMPLES,
+) -> list[ResultRecord]:
+    """One record per row of `summarize` (sources, "all", "macro") and metric: the mean over questions of
+    each question's mean score (its samples averaged) with a percentile-bootstrap CI over questions
+    (`igpo.stats.bootstrap_mean`). The macro row (unweighted mean of the source rows) gets no CI."""
+    by_source: dict[str, list[tuple[str, dict[str, float]]]] = {}
+    for ep in episodes:
+        by_source.setdefault(ep.question.data_source, []).append((ep.question.id, episode_metrics(ep)))
+    rows = {s: by_source[s] for s in sorted(by_source)}
+    if rows:
+        rows[POOLED] = [(f"{s}/{q}", m) for s in sorted(by_source) for q, m in by_source[s]]
+    out = []
+    for metric in metrics:
+        means = []
+        for source, items in rows.items():
+            scores = per_question((q, m[metric]) for q, m in items)
+            est = bootstrap_mean(list(scores.values()), n_boot=n_boot)
+            out.append(ResultRecord.from_estimate(label, source, metric, est, len(items), protocol))
+            if source != POOLED:
+                means.append(est.mean)
+        if len(means) > 1:
+            pooled = rows[POOLED]
+            out.append(ResultRecord(label, MACRO, metric, float(np.mean(means)), None, None, 0.95,
+                                    len({q for q, _ in pooled}), len(pooled), protocol))
+    return out
 
 
 def format_table(summary: dict[str, dict[str, float]]) -> str:
@@ -176,7 +211,10 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
         "generator": cfg.generator.get("_target_"), "retriever": cfg.retriever.get("_target_"),
         "sync": cfg.sync.get("_target_") if cfg.get("ckpt_path") else None, "seconds": round(seconds, 3),
     }
-    write_results(Path(cfg.paths.output_dir), summary, episodes, dm.tokenizer, meta)
+    protocol = protocol_from_config(cfg, data_path=str(data.path), temperature=temperature, samples=samples)
+    label = Path(str(cfg.assets.model)).name + (f" + {cfg.ckpt_path}" if cfg.get("ckpt_path") else "")
+    records = result_records(episodes, protocol, label)
+    write_results(Path(cfg.paths.output_dir), summary, episodes, dm.tokenizer, meta, records)
     log.info("eval of %s: %d episodes in %.1fs, written to %s", meta["questions_file"], len(episodes),
              seconds, cfg.paths.output_dir)
     return summary
@@ -208,9 +246,9 @@ def _push_checkpoint(cfg: DictConfig, generator: Any) -> dict[str, Any]:
 # ---- files -----------------------------------------------------------------------------------------
 def write_results(
     out_dir: Path, summary: dict[str, dict[str, float]], episodes: Sequence[Episode], tokenizer: Any,
-    meta: dict[str, Any],
+    meta: dict[str, Any], records: Sequence[ResultRecord] = (),
 ) -> None:
-    """eval_table.md, eval_metrics.json ({"summary", "meta"}) and episodes.jsonl (one record per episode:
+    """eval_table.md, eval_metrics.json ({"summary", "meta", "records"}) and episodes.jsonl (one record per episode:
     `igpo.callbacks.episode_record` fields plus "sample" and "metrics"), each written to a temporary file
     in `out_dir` and renamed into place."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -219,7 +257,8 @@ def write_results(
     table = (f"# eval: {where}\n\nmodel `{meta.get('model')}`, {meta.get('samples')} sample(s) per question, "
              f"temperature {meta.get('temperature')}\n\n{format_table(summary)}\n")
     atomic_write(out_dir / "eval_table.md", [table])
-    metrics = json.dumps({"summary": summary, "meta": meta}, indent=1)
+    metrics = json.dumps({"summary": summary, "meta": meta, "records": [r.to_dict() for r in records]},
+                         indent=1)
     atomic_write(out_dir / "eval_metrics.json", [metrics + "\n"])
     atomic_write(out_dir / "episodes.jsonl", (json.dumps(r, ensure_ascii=False) + "\n"
                                                for r in episode_records(episodes, tokenizer)))

@@ -17,10 +17,12 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from igpo import analysis
 from igpo.analysis import NotARunError
+from igpo.io import sha256_file
 from tests.integration.test_train import SMALL
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -301,3 +303,87 @@ def test_eval_run_files(tmp_path):
     log.write_text("[2026-01-01 00:00:00,000][igpo.run][INFO] - assets: {'corpus': '/c.jsonl', 'x': None}\n")
     assert analysis.run_assets(run) == {"corpus": "/c.jsonl", "x": None}
     assert analysis.latest_run(tmp_path).path == run.resolve()
+
+
+# ---- turn credit, results with their protocol ------------------------------------------------------
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from igpo.data.world import WorldConfig, build_world, write_world
+
+    w = build_world(WorldConfig(n_people=60, n_companies=12, n_cities=8, n_countries=3, n_first_names=20,
+                                n_last_names=20))
+    return w, write_world(w, tmp_path_factory.mktemp("world"))
+
+
+def _probed(i: int, kind: str, probe: float, reward, docs=()) -> dict:
+    return {**_turn(i, kind, reward, 0.0, docs), "probe_logprob": probe}
+
+
+def test_classify_searches_and_gold_retrieved(world):
+    w, files = world
+    q2 = next(q for q in w.questions["train"] if q.metadata["hops"] == 2)
+    bridge, answer_doc = q2.metadata["docs"]
+    other = next(d.id for d in w.docs if d.id not in q2.metadata["docs"])
+    probes = [-3.0, -3.5, -2.0, -0.5]
+    turns = [_probed(0, "search", probes[0], -0.1, [other]), _probed(1, "search", probes[1], 0.2, [bridge]),
+             _probed(2, "search", probes[2], 0.3, [answer_doc, bridge]), _probed(3, "answer", probes[3], 1.0)]
+    ep = {**_episode(1, turns, answers=q2.answers), "question_id": q2.id}
+    episodes = pd.DataFrame([analysis._episode_row(0, ep)])
+    out = analysis.classify_searches(episodes, files.parquet["train"])  # extra_info from the parquet file
+    assert out["kind"].tolist() == ["useless_2hop", "hop1_of_2", "hop2_of_2"]
+    assert out["hop_kind"].tolist() == ["useless", "bridge hop", "answer hop"]
+    assert out["gain_logprob"].tolist() == pytest.approx([-0.5, 1.5, 1.5])
+    assert out["gain_prob"].tolist() == pytest.approx([math.exp(b) - math.exp(a)
+                                                        for a, b in zip(probes[:-1], probes[1:], strict=True)])
+    same = analysis.classify_searches(episodes, {q.id: q for q in w.questions["train"]})  # world questions
+    assert same.equals(out)
+    with pytest.raises(LookupError, match="no extra_info"):
+        analysis.classify_searches(episodes, {q2.id: {"metadata": {}}})
+    marked = analysis.mark_gold_retrieved(analysis.turns_frame(episodes), files.corpus)
+    gold = q2.answers[0]
+    expect = [any(gold in w.doc(d).text for d in docs) for docs in ([other], [bridge], [answer_doc, bridge])]
+    assert marked["gold_retrieved"].tolist() == expect and expect[2] is True
+
+
+def test_advantage_collapse_counts_complete_groups():
+    def ep(step, group, outcome, gains=(), qid="q"):
+        turns = [_turn(i, "search", g) for i, g in enumerate(gains)] + [_turn(len(gains), "answer", outcome)]
+        return {**_episode(step, turns), "group": group, "question_id": f"{qid}{group}"}
+
+    rows = [ep(1, 0, 1.0, [0.2]), ep(1, 0, 1.0, [0.1]),  # same outcome, gains differ: only GRPO collapses
+            ep(1, 1, 0.0), ep(1, 1, 0.0),  # nothing differs: both collapse
+            ep(1, 2, 1.0),  # one logged episode of a group of 2: skipped
+            ep(2, 0, 1.0), ep(2, 0, 0.0)]
+    episodes = pd.DataFrame([analysis._episode_row(i, r) for i, r in enumerate(rows)])
+    out = analysis.advantage_collapse(episodes, group_size=2).set_index("step")
+    assert out.loc[1].tolist() == [2, 1.0, 0.5] and out.loc[2].tolist() == [1, 0.0, 0.0]
+    assert analysis.advantage_collapse(episodes).loc[0, "groups"] == 3  # without a group size: all groups
+
+
+def test_run_records_from_a_training_run(tmp_path, world):
+    _, files = world
+    eps = [{**_episode(s, [_turn(0, "answer", 1.0)]), "question_id": q, "answer": a, "finish": f}
+           for s, q, a, f in [(1, "a", "Paris", "answer"), (2, "a", "Rome", "answer"), (2, "b", "Paris", "answer"),
+                              (2, "c", "Paris", "malformed")]]
+    runs = []
+    for seed in (0, 1):
+        run = _fake_run(tmp_path / str(seed), "igpo", seed, episodes=eps)
+        (run / "resolved_config.yaml").write_text(
+            f"seed: {seed}\nassets: {{train_questions: {files.parquet['train']}, corpus: {files.corpus}}}\n"
+            f"retriever: {{_target_: igpo.retriever.bm25.BM25Retriever, corpus_path: {files.corpus}, k1: 1.5}}\n"
+            "data: {group_size: 4, sampling: {temperature: 1.0, top_p: 1.0, max_new_tokens: 48},"
+            " rollout: {top_k: 2, max_turns: 4}}\n")
+        runs.append(analysis.load_run(run))
+    em, f1 = analysis.run_records(runs[0], n_boot=200)
+    assert (em.metric, em.source, em.label, em.episodes, em.questions) == ("em", "train", "0", 4, 3)
+    assert em.mean == pytest.approx((0.5 + 1 + 0) / 3)  # question a: Paris then Rome; c malformed: 0
+    last = analysis.run_records(runs[0], ["em"], last_steps=1)[0]
+    assert last.mean == pytest.approx((0 + 1 + 0) / 3) and last.episodes == 3 and last.extra["last_steps"] == 1
+    p = em.protocol
+    assert p.data_path == str(files.parquet["train"]) and p.data_sha256 == sha256_file(files.parquet["train"])
+    assert (p.corpus, p.top_k, p.samples, p.temperature, p.seeds) == (str(files.corpus), 2, 4, 1.0, (0,))
+    pooled = analysis.pooled_record(runs, "igpo", "em")
+    assert pooled.extra["n_seeds"] == 2 and pooled.protocol.seeds == (0, 1) and pooled.episodes == 8
+    assert pooled.mean == pytest.approx(em.mean) and pooled.questions == 3
+    table = analysis.compare([em, f1], columns="metric")
+    assert table.loc["0", ("em", "mean")] == em.mean

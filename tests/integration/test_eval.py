@@ -20,9 +20,11 @@ from hydra import compose, initialize_config_dir
 from transformers import AutoTokenizer
 
 from igpo.evaluate import evaluate, format_table, load_adapter, summarize
+from igpo.io import sha256_file
 from igpo.models.tiny import build_tiny_model
 from igpo.policy import IGPOPolicy, LoraSettings
 from igpo.prompts import encode, prompt_ids
+from igpo.protocol import ResultRecord
 from igpo.types import Episode, Question, Turn
 from tests.helpers import make_bigram
 
@@ -196,6 +198,18 @@ def test_eval_answering_agent_table_metrics_and_files(tmp_path, scripted, data):
     meta = saved["meta"]
     assert meta["questions"] == meta["episodes"] == 8
     assert meta["temperature"] == 0.0 and meta["ckpt_path"] is None
+    # one protocol record per row and metric, with a CI over questions and what was measured how
+    recs = {(r.source, r.metric): r for r in map(ResultRecord.from_dict, saved["records"])}
+    assert set(recs) == {(s, m) for s in [*EXPECTED_COUNTS, "all", "macro"] for m in ("em", "f1")}
+    for source, value in em.items():
+        assert recs[(source, "em")].mean == pytest.approx(value), source
+    hot, bam = recs[("hotpotqa", "em")], recs[("Bamboogle", "em")]
+    assert (hot.lo, hot.hi, hot.questions) == (1.0, 1.0, 3) and (bam.lo, bam.hi, bam.questions) == (0.0, 1.0, 2)
+    p = recs[("all", "f1")].protocol
+    assert (p.data_path, p.data_sha256) == (str(data["questions"]), sha256_file(data["questions"]))
+    assert (p.corpus, p.retriever, p.top_k, p.temperature, p.samples, p.max_new_tokens, p.max_turns) == (
+        str(data["corpus"]), "BM25Retriever", 2, 0.0, 1, 12, 2)
+    assert p.index_fingerprint and p.seeds == (0,) and p.model == str(scripted["answer"])
     table = (out / "eval_table.md").read_text()
     assert format_table(summary) in table
     assert "| hotpotqa | 3 | 3 | 100.0 | 100.0 | 100.0 | 0.00 | 1.00 |" in table
