@@ -188,14 +188,36 @@ def probe_token_parts(
 ) -> tuple[list[int], list[int], list[int]]:
     """(prefix, gold, suffix) token ids of the ground-truth probe that follows an assistant header.
 
-    The gold answer is tokenised on its own (as it is after the `<answer>` tag in our SFT data);
-    only the gold tokens are scored. `gold` is the first alias (spec §1.4).
+    The three parts are exactly the tokenizer's encoding of the whole probe text (probe prefix + gold +
+    answer close + end of message), as the policy itself emits an action (rollouts and SFT tokenise an
+    action as one string). The gold part is the smallest run of tokens covering the gold answer's
+    characters, found by character offsets (as the official CODE-v2 does): with real byte-level BPE
+    vocabularies the `>` of `<answer>` merges with the answer's first letters (`'>F' 'enn' 'us' 'il'`), and
+    that merged token is scored. Only the gold tokens are scored. `gold` is the first alias (spec §1.4).
+    Needs a tokenizer that returns offsets (a fast one); others are refused with a ValueError.
     """
     p = protocol or Protocol()
-    gold_ids = encode(tokenizer, gold)
-    if not gold_ids:
+    if not gold:
         raise ValueError(f"probe: gold answer {gold!r} tokenises to nothing")
-    return encode(tokenizer, p.probe_prefix()), gold_ids, encode(tokenizer, p.answer[1] + pieces.assistant_end)
+    head = p.probe_prefix()
+    text = head + gold + p.answer[1] + pieces.assistant_end
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError as e:
+        raise ValueError(
+            f"probe: the tokenizer {type(tokenizer).__name__} cannot return character offsets "
+            "(return_offsets_mapping), which the probe needs to find the gold answer's tokens inside the "
+            "probe text; load a fast tokenizer (AutoTokenizer.from_pretrained(..., use_fast=True))"
+        ) from e
+    ids, offsets = list(enc["input_ids"]), enc.get("offset_mapping")
+    if offsets is None or len(offsets) != len(ids):
+        raise ValueError(f"probe: the tokenizer {type(tokenizer).__name__} returned no character offsets")
+    g0, g1 = len(head), len(head) + len(gold)
+    covering = [i for i, (s, e) in enumerate(offsets) if s < g1 and e > g0]
+    if not covering:
+        raise ValueError(f"probe: gold answer {gold!r} tokenises to nothing")
+    first, last = covering[0], covering[-1]
+    return ids[:first], ids[first: last + 1], ids[last + 1:]
 
 
 def observation_ids(

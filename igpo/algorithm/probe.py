@@ -3,6 +3,9 @@
 For episode i with token ids S_i and probe boundaries b_{i,t} (the context of probe t is S_i[:b_t], which
 ends with an assistant header), the probe value is the mean over the gold tokens of
 log π(gold_j | S_i[:b_t] + prefix + gold_<j), at temperature 1 (raw fp32 log-softmax, spec §4.13), no grad.
+The (prefix, gold, suffix) ids are the tokenizer's encoding of the whole probe text, the gold being the
+smallest run of tokens covering the answer's characters (`igpo.prompts.probe_token_parts`): the tokens the
+policy would emit, so with byte-level BPE vocabularies the first gold token may carry the `>` of `<answer>`.
 
 Two implementations that agree to 1e-5 in fp32:
 - `reference_probe`: the official method minus its bugs (spec §4.3, §4.4): one row per (episode, turn),
@@ -60,7 +63,11 @@ def probe_inputs_from_episodes(
     pieces: ChatPieces,
     protocol: Protocol | None = None,
 ) -> tuple[list[list[int]], list[ProbeParts]]:
-    """Probe boundaries and (prefix, gold, suffix) ids per episode; gold = the first answer alias."""
+    """Probe boundaries and (prefix, gold, suffix) ids per episode; gold = the first answer alias.
+
+    The parts come from `probe_token_parts` (exact encoding of the whole probe text, gold span by offsets),
+    computed once per distinct gold answer; a tokenizer without offsets raises ValueError.
+    """
     cache: dict[str, ProbeParts] = {}
     boundaries, parts = [], []
     for e in episodes:
