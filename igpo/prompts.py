@@ -201,17 +201,16 @@ def probe_token_parts(
         raise ValueError(f"probe: gold answer {gold!r} tokenises to nothing")
     head = p.probe_prefix()
     text = head + gold + p.answer[1] + pieces.assistant_end
+    no_offsets = (f"probe: the tokenizer {type(tokenizer).__name__} cannot return character offsets "
+                  "(return_offsets_mapping), which the probe needs to find the gold answer's tokens inside the "
+                  "probe text; use a fast (tokenizers-backed) tokenizer")
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError as e:
-        raise ValueError(
-            f"probe: the tokenizer {type(tokenizer).__name__} cannot return character offsets "
-            "(return_offsets_mapping), which the probe needs to find the gold answer's tokens inside the "
-            "probe text; load a fast tokenizer (AutoTokenizer.from_pretrained(..., use_fast=True))"
-        ) from e
+        raise ValueError(no_offsets) from e
     ids, offsets = list(enc["input_ids"]), enc.get("offset_mapping")
     if offsets is None or len(offsets) != len(ids):
-        raise ValueError(f"probe: the tokenizer {type(tokenizer).__name__} returned no character offsets")
+        raise ValueError(no_offsets)
     g0, g1 = len(head), len(head) + len(gold)
     covering = [i for i, (s, e) in enumerate(offsets) if s < g1 and e > g0]
     if not covering:

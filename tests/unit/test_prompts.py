@@ -92,3 +92,42 @@ def test_probe_parts(tiny_tokenizer):
     assert gold == encode(tiny_tokenizer, "Garmi")
     with pytest.raises(ValueError, match="tokenises to nothing"):
         probe_token_parts(tiny_tokenizer, pieces, "")
+
+
+def test_probe_parts_are_the_encoding_of_the_whole_probe_text(tiny_tokenizer):
+    """The tiny tokenizer's tags are single added tokens, so the exact span equals the gold on its own."""
+    pieces, p = ChatPieces.from_tokenizer(tiny_tokenizer), Protocol()
+    for gold in ["Garmi", "1948", "Andus Zuraston", "São Paulo", "naïve résumé"]:
+        prefix, ids, suffix = probe_token_parts(tiny_tokenizer, pieces, gold, p)
+        assert prefix + ids + suffix == encode(tiny_tokenizer, p.probe_prefix() + gold + "</answer><|im_end|>")
+        assert ids == encode(tiny_tokenizer, gold)
+        assert prefix == encode(tiny_tokenizer, p.probe_prefix())
+
+
+def test_probe_parts_refuse_a_tokenizer_without_offsets():
+    from transformers import PreTrainedTokenizer
+
+    class CharTokenizer(PreTrainedTokenizer):  # a (python, "slow") tokenizer: no character offsets
+        def __init__(self, **kwargs):
+            self._vocab = {chr(i): i for i in range(256)}
+            super().__init__(**kwargs)
+
+        @property
+        def vocab_size(self):
+            return 256
+
+        def get_vocab(self):
+            return dict(self._vocab)
+
+        def _tokenize(self, text):
+            return list(text)
+
+        def _convert_token_to_id(self, token):
+            return self._vocab.get(token, 0)
+
+        def _convert_id_to_token(self, index):
+            return chr(index)
+
+    pieces = ChatPieces("<e>", "\n<u>", "<e><a>")
+    with pytest.raises(ValueError, match="cannot return character offsets"):
+        probe_token_parts(CharTokenizer(), pieces, "Garmi")
