@@ -1,16 +1,15 @@
 """igpo.analysis and the notebooks, read against real run directories.
 
 The slow part makes one real 2-job multirun (`train.py -m algorithm=igpo,grpo`, tiny model, vLLM-CPU) and
-reads it back, then executes both notebooks on it with nbclient. The fast part builds run directories by
-hand (Hydra files, TensorBoard event files written with tensorboard's own writer, episode records) where
-the numbers must come out as computed in the test: mean ± std over seeds, gains, usefulness.
+reads it back (tests/integration/test_notebooks.py executes the notebooks on it). The fast part builds
+run directories by hand (Hydra files, TensorBoard event files written with tensorboard's own writer,
+episode records) where the numbers must come out as computed in the test: mean ± std over seeds, gains, usefulness.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -27,7 +26,6 @@ from tests.integration.test_train import SMALL
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
-SWEEP = [pytest.mark.slow, pytest.mark.vllm]  # tests that use the real multirun
 TRAIN_TAGS = ["train/loss", "train/kl", "train/entropy", "reward/outcome", "reward/ig_mean",
               "adv/zero_std_group_frac", "episode/turns", "time/rollout_s"]
 CONFIG = """\
@@ -45,9 +43,13 @@ HYDRA = "hydra:\n  runtime: {{cwd: /repo, output_dir: /old/{job}}}\n  job: {{nam
 
 
 # ---- the real multirun ----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("analysis")
+def shared_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real 2-job multirun (algorithm=igpo,grpo; tiny model, 2 steps), made once per test session and
+    shared by the modules that read it (this one and test_notebooks.py)."""
+    tmp = tmp_path_factory.getbasetemp() / "analysis-sweep"
+    if (tmp / "done").is_file():
+        return tmp / "sweep"
+    tmp.mkdir(exist_ok=True)
     overrides = [*SMALL, "trainer.max_steps=2", "data.val_max_questions=2",
                  f"paths.artifacts_dir={tmp / 'art'}",
                  f"hydra.sweep.dir={tmp / 'sweep'}", "algorithm=igpo,grpo"]
@@ -56,7 +58,13 @@ def sweep(tmp_path_factory) -> Path:
                          text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     print(f"multirun fixture: {time.perf_counter() - t0:.1f} s")
+    (tmp / "done").write_text("")
     return tmp / "sweep"
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    return shared_sweep(tmp_path_factory)
 
 
 @pytest.mark.slow
@@ -120,33 +128,6 @@ def test_compare_runs_groups_by_algorithm(sweep):
         direct = analysis.load_scalars(run, ["reward/outcome"]).set_index("step").value
         assert mine.to_dict() == direct.to_dict()
     assert len(analysis.compare_runs(sweep, "val/em")) == 2  # a path works, one val point per setting
-
-
-@pytest.mark.slow
-@pytest.mark.vllm
-@pytest.mark.parametrize("name, var, target", [
-    ("01_inspect_rollouts", "IGPO_RUN_DIR", "0"),
-    ("02_compare_sweep", "IGPO_SWEEP_DIR", "."),
-])
-def test_notebook_runs(sweep, monkeypatch, name, var, target):
-    import nbformat
-    from nbclient import NotebookClient
-
-    monkeypatch.setenv(var, str(sweep / target))
-    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend renders the figures
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
-    t0 = time.perf_counter()
-    client = NotebookClient(nb, kernel_name="python3", timeout=180,
-                            resources={"metadata": {"path": str(NOTEBOOKS)}})
-    client.execute()
-    print(f"{name}: {time.perf_counter() - t0:.1f} s")
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
-    assert not [o for o in outputs if o.output_type == "error"]
-    images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) == (2 if name.startswith("01") else 1)
-    text = "".join(o.get("data", {}).get("text/plain", "") + o.get("text", "") for o in outputs)
-    assert str((sweep / "0").resolve()) in text if name.startswith("01") else "grpo" in text
 
 
 # ---- hand-made runs: exact numbers ---------------------------------------------------------------
