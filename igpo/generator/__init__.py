@@ -1,4 +1,5 @@
-"""Generators (vLLM, transformers) behind one Protocol, and the weight sync strategies.
+"""Generators (in-process vLLM, vLLM servers over HTTP, transformers) behind one Protocol, and the
+weight sync strategies.
 
 Engines and torch are imported lazily: `import igpo.generator` stays cheap for pure-logic code.
 """
@@ -13,9 +14,12 @@ from igpo.generator.base import Generation, Generator, SamplingConfig, split_sto
 _LAZY = {
     "VLLMGenerator": "igpo.generator.vllm",
     "HFGenerator": "igpo.generator.hf",
+    "VLLMServerGenerator": "igpo.generator.vllm_server",
+    "ServerError": "igpo.generator.vllm_server",
     "WeightSync": "igpo.generator.sync",
     "MergedSync": "igpo.generator.sync",
     "AdapterSync": "igpo.generator.sync",
+    "ServerAdapterSync": "igpo.generator.sync",
     "NoSync": "igpo.generator.sync",
     "make_sync": "igpo.generator.sync",
     "merged_state_dict": "igpo.generator.sync",

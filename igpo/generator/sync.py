@@ -4,6 +4,8 @@
           HF-named state dict into the live engine: the fast path for an in-process vLLM on CPU.
 `adapter` saves the adapter (adapter files only, written atomically) and serves it as a new LoRA id:
           the usual path on GPUs and for a vLLM server.
+`server_adapter` the adapter path for vLLM servers (runtime LoRA loading), with a parity check of the
+          servers' log-probs against the trainer's on the first syncs of a run.
 `none`    for a generator that samples from the training model itself (`HFGenerator(live_model)`).
 """
 
@@ -19,7 +21,7 @@ from torch import nn
 
 from igpo.io import atomic_dir
 
-SyncName = Literal["merged", "adapter", "none"]
+SyncName = Literal["merged", "adapter", "server_adapter", "none"]
 
 
 @runtime_checkable
@@ -126,6 +128,67 @@ class AdapterSync:
         return time.perf_counter() - start
 
 
+class ServerAdapterSync(AdapterSync):
+    """`AdapterSync` for `VLLMServerGenerator`: the servers load each saved version under a new name.
+
+    The parity check runs in this strategy, on the first `parity_checks` syncs of a run: the first is
+    `WeightSyncCallback.on_train_start` (the start of training: same model, dtype and token plumbing on
+    both sides), the second the first trained adapter (LoRA served as the trainer applies it). Each
+    scores `parity_text` with the servers (`generator.score`) and with the trainer's model and raises if
+    a log-prob differs by more than `parity_tol` (1e-4 suits an fp32 server and trainer; set it higher
+    for bf16, or `parity_checks=0` to skip). `dir` must be readable by the servers (shared filesystem).
+    """
+
+    def __init__(
+        self, dir: str | Path, keep: int = 2, parity_checks: int = 2, parity_tol: float = 1e-4,
+        parity_text: str = "Question: where was the founder born?<search>founder of the company</search>"
+                           "<information>(1) She was born in a small town.</information><answer>Town</answer>",
+    ) -> None:
+        super().__init__(dir, keep)
+        if parity_checks < 0 or parity_tol <= 0:
+            raise ValueError("ServerAdapterSync: parity_checks must be >= 0 and parity_tol > 0")
+        self.parity_checks, self.parity_tol, self.parity_text = parity_checks, parity_tol, parity_text
+        self.parity_diffs: list[float] = []  # max |Δ log-prob| of each check made
+
+    def sync(self, model: nn.Module, generator: Any, version: int) -> float:
+        seconds = super().sync(model, generator, version)
+        if len(self.parity_diffs) < self.parity_checks:
+            self.check_parity(model, generator)
+        return seconds
+
+    def check_parity(self, model: nn.Module, generator: Any) -> float:
+        """Max |server - trainer| log-prob over `parity_text`; raises above `parity_tol`."""
+        ids = list(generator.tokenizer(self.parity_text, add_special_tokens=False)["input_ids"])
+        served = generator.score([ids])[0]
+        trained = sequence_logprobs(model, ids)
+        diff = max(abs(a - b) for a, b in zip(served[1:], trained[1:], strict=True))
+        self.parity_diffs.append(diff)
+        if not diff <= self.parity_tol:
+            raise RuntimeError(
+                f"ServerAdapterSync: after pushing the adapter the servers' log-probs differ from the trainer's "
+                f"by {diff:.3g} (> parity_tol={self.parity_tol:g}). Check that the servers serve the same base "
+                f"model as the trainer ({getattr(generator, 'model', '?')}), with --dtype float32 when the "
+                "trainer runs fp32 (or raise sync.parity_tol for bf16), and that the adapter's target modules "
+                "are ones vLLM applies LoRA to.")
+        return diff
+
+
+@torch.no_grad()
+def sequence_logprobs(model: nn.Module, ids: list[int]) -> list[float]:
+    """Per-token log-probs of one token sequence under `model` in eval mode (position 0 = 0.0); the
+    model's train/eval mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        x = torch.tensor([ids], device=device)
+        logits = model(input_ids=x).logits[0, :-1].float()
+        lp = logits.log_softmax(-1).gather(-1, x[0, 1:, None])[:, 0]
+    finally:
+        model.train(was_training)
+    return [0.0, *lp.tolist()]
+
+
 class NoSync:
     """For a generator that samples from the training model itself."""
 
@@ -133,7 +196,8 @@ class NoSync:
         return 0.0
 
 
-SYNCS: dict[str, type] = {"merged": MergedSync, "adapter": AdapterSync, "none": NoSync}
+SYNCS: dict[str, type] = {"merged": MergedSync, "adapter": AdapterSync, "server_adapter": ServerAdapterSync,
+                          "none": NoSync}
 
 
 def make_sync(name: SyncName, **kwargs: Any) -> WeightSync:
