@@ -152,13 +152,13 @@ def max_diff(a: list[list[float]], b: list[list[float]]) -> float:
 
 
 # ---- without a server ----------------------------------------------------------------------------------
-def test_constructor_checks_and_a_dead_url_fails_setup_clearly(tiny_model_dir: Path) -> None:
+def test_constructor_checks_and_a_dead_url_fails_setup_clearly() -> None:
     with pytest.raises(ValueError, match="http"):
         VLLMServerGenerator(["127.0.0.1:8000"], "tok")
     with pytest.raises(ValueError, match="routing"):
         VLLMServerGenerator("http://127.0.0.1:8000", "tok", routing="random")  # type: ignore[arg-type]
     url = f"http://127.0.0.1:{free_port()}"
-    gen = VLLMServerGenerator([url, url + "/"], str(tiny_model_dir), health_timeout_s=1.0)
+    gen = VLLMServerGenerator([url, url + "/"], "unused-tokenizer", health_timeout_s=1.0)
     assert gen.urls == [url, url]
     start = time.perf_counter()
     with pytest.raises(ServerError, match=f"{url} was not healthy within 1 s.*curl {url}/health") as info:
@@ -169,7 +169,7 @@ def test_constructor_checks_and_a_dead_url_fails_setup_clearly(tiny_model_dir: P
     gen.close()  # nothing was opened: a no-op
 
 
-def test_routing_spreads_or_pins_requests(tiny_model_dir: Path) -> None:
+def test_routing_spreads_or_pins_requests() -> None:
     urls = ["http://a:1", "http://b:1", "http://c:1"]
     rr = VLLMServerGenerator(urls, "tok")
     assert sorted(rr._route([1]) for _ in range(6)) == sorted(urls * 2)
