@@ -2,8 +2,8 @@
 
 Constructors are cheap by design (weights load in `configure_model`, engines and indexes open in
 `setup`), so a broken `_target_`, a renamed argument or a dangling interpolation fails here in seconds.
-The experiment files are checked against the paper's numbers (igpo-spec.md §1.9-1.10) and against the
-GPU memory arithmetic of docs/gpu.md.
+The experiment files are checked against the paper's numbers (docs/algorithm.md, hyper-parameters) and
+against the GPU memory arithmetic of docs/gpu.md.
 """
 
 from __future__ import annotations
@@ -74,6 +74,16 @@ def check_pieces(pieces: dict[str, object]) -> None:
     assert isinstance(pieces["data"], RolloutDataModule) and pieces["data"].runner is None
     assert isinstance(pieces["trainer"], L.Trainer)
     assert len(pieces["callbacks"]) == 4
+
+
+def test_qwen_experiments_extend_one_base():
+    """The shared settings live once, in experiment/base/qwen2.5.yaml (not an experiment of its own: the
+    parametrisations here glob conf/experiment/*.yaml only)."""
+    base = CONF / "experiment" / "base" / "qwen2.5.yaml"
+    assert base.is_file() and "base/qwen2.5" not in EXPERIMENTS
+    for name in IGPO_EXPERIMENTS:
+        defaults = OmegaConf.load(CONF / "experiment" / f"{name}.yaml").defaults
+        assert list(defaults) == ["base/qwen2.5", "_self_"], name
 
 
 def test_every_group_option_is_covered():

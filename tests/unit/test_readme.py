@@ -1,0 +1,107 @@
+"""Every `python train.py ...` / `python eval.py ...` command in the README's code blocks composes.
+
+Each command (continuation lines joined, the trailing comment dropped) is split into Hydra overrides;
+a `-m` sweep is split into its jobs (the cartesian product of the comma-separated values). `<run>` stands
+for a run directory's name and is replaced by one; paths (`/data/...`, `/runs/...`) are plain strings to
+Hydra: the test checks the config, not that the files exist. Each job is composed with `igpo.run.compose_config` and
+every interpolation resolved: a `???` value that something refers to fails, except where the run fills
+or skips it (asset paths that `prepare` builds at run time, the training questions in eval.py). A `???`
+nothing reads (`assets.corpus` with Elasticsearch) is fine. A failure names the README line.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from igpo.run import compose_config
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+ENTRY = {"train.py": "train", "eval.py": "eval"}
+PLACEHOLDERS = {"<run>": "2026-01-01_12-00-00"}
+
+
+def readme_commands(text: str) -> list[tuple[int, str]]:
+    """(line number, command) for every `python train.py|eval.py` line inside a fenced code block."""
+    out, fenced, pending = [], False, None
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if line.strip().startswith("```"):
+            fenced = not fenced
+            continue
+        if not fenced:
+            continue
+        if pending is not None:
+            pending = (pending[0], pending[1] + " " + line.strip())
+        elif re.match(r"\s*python (train|eval)\.py\b", line):
+            pending = (lineno, line.strip())
+        if pending is not None and not pending[1].endswith("\\"):
+            out.append(pending)
+            pending = None
+        elif pending is not None:
+            pending = (pending[0], pending[1][:-1].rstrip())
+    return out
+
+
+def jobs(command: str) -> tuple[str, list[list[str]]]:
+    """(config name, the override lists of its jobs) of one command line."""
+    for placeholder, value in PLACEHOLDERS.items():
+        command = command.replace(placeholder, value)
+    words = shlex.split(command, comments=True)
+    assert words[:1] == ["python"] and words[1] in ENTRY, command
+    args = words[2:]
+    multirun = "-m" in args or "--multirun" in args
+    overrides = [a for a in args if a not in ("-m", "--multirun")]
+    assert all("=" in o for o in overrides), f"not a Hydra override in {command!r}"
+    if not multirun:
+        return ENTRY[words[1]], [overrides]
+    choices = []
+    for o in overrides:
+        key, value = o.split("=", 1)
+        values = value.split(",") if "," in value and not value.startswith(("[", "{", "'", '"')) else [value]
+        choices.append([f"{key}={v}" for v in values])
+    return ENTRY[words[1]], [list(c) for c in itertools.product(*choices)]
+
+
+def filled_at_run_time(cfg, name: str) -> None:
+    """Stand-ins for the `???` values a run fills itself: `prepare` writes every asset path
+    (igpo.run.prepare_assets), and eval.py builds its data module without training questions."""
+    if cfg.prepare and cfg.prepare.get("_target_"):
+        for key in cfg.assets:
+            if OmegaConf.is_missing(cfg.assets, key):
+                cfg.assets[key] = f"<prepared {key}>"
+    if name == "eval" and OmegaConf.is_missing(cfg.assets, "train_questions"):
+        cfg.assets.train_questions = "<unused by eval>"
+
+
+COMMANDS = readme_commands(README.read_text(encoding="utf-8"))
+
+
+def test_the_readme_has_commands():
+    names = [c.split()[1] for _, c in COMMANDS]
+    assert names.count("train.py") >= 5 and names.count("eval.py") >= 3, COMMANDS
+
+
+def test_sweeps_split_per_job():
+    name, js = jobs("python train.py -m algorithm=igpo,grpo seed=0,1 debug=fast  # note")
+    assert name == "train" and len(js) == 4
+    assert js[0] == ["algorithm=igpo", "seed=0", "debug=fast"] and js[3] == ["algorithm=grpo", "seed=1", "debug=fast"]
+    assert readme_commands("```bash\npython eval.py a=1 \\\n    b=2\n```\npython train.py x=1\n") == [
+        (2, "python eval.py a=1 b=2")]
+
+
+@pytest.mark.parametrize(("lineno", "command"), COMMANDS, ids=[f"README:{n}" for n, _ in COMMANDS])
+def test_readme_command_composes(tmp_path, lineno, command):
+    name, js = jobs(command)
+    for overrides in js:
+        try:
+            cfg = compose_config(name, overrides, root=str(tmp_path))
+            filled_at_run_time(cfg, name)
+            OmegaConf.to_container(cfg, resolve=True)  # an interpolation to a `???` value fails
+        except Exception as e:  # noqa: BLE001 (any failure: report the README line)
+            pytest.fail(f"README.md:{lineno}: `{command}` does not compose (job {overrides}): "
+                        f"{type(e).__name__}: {e}")
