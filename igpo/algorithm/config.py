@@ -2,7 +2,7 @@
 
 IGPO, GRPO and IG-only differ only in these numbers: GRPO is `ig_weight=0`, IG-only is
 `outcome_weight=0` (entries with weight 0 leave the normalisation pool; see advantages.py).
-Defaults follow CODE-v2 semantics (igpo-spec.md §1.7–1.9) with the official bugs removed.
+Defaults follow the authors' v2 code with its bugs removed (docs/algorithm.md §1.7–1.9, §4).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Constructors are cheap by design (weights load in `configure_model`, engines and indexes open in
 `setup`), so a broken `_target_`, a renamed argument or a dangling interpolation fails here in seconds.
-The experiment files are checked against the paper's numbers (docs/algorithm.md, hyper-parameters) and
+The experiment files are checked against the paper's numbers (docs/algorithm.md §1.10) and
 against the GPU memory arithmetic of docs/gpu.md.
 """
 
