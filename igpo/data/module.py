@@ -107,10 +107,16 @@ class RolloutDataModule(L.LightningDataModule):
         k = min(self.questions_per_step, len(self.train_set))
         return rng.sample(self.train_set, k)
 
+    def sampling_for_step(self, step: int) -> SamplingConfig:
+        """Sampling of global step `step` with its own seed, a pure function of (seed, step): a resumed
+        run (a fresh engine, whose global RNG restarts) samples what the uninterrupted run sampled."""
+        base = self.seed if self.sampling.seed is None else self.sampling.seed
+        return replace(self.sampling, seed=random.Random(base * 1_000_003 + step).getrandbits(31))
+
     def rollout_batch(self, step: int) -> RolloutBatch:
         questions = self.questions_for_step(step)
         t0 = time.perf_counter()
-        episodes, stats = self.runner.run(questions, self.group_size, self.sampling)
+        episodes, stats = self.runner.run(questions, self.group_size, self.sampling_for_step(step))
         batch = RolloutBatch.from_episodes(episodes, self.tokenizer.pad_token_id)
         batch.stats.update({
             "time/rollout_s": time.perf_counter() - t0,

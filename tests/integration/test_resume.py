@@ -1,0 +1,102 @@
+"""Exact kill-and-resume: a run SIGKILLed mid-training and resumed from `last.ckpt` logs, from the
+checkpoint's step on, the same loss, outcome reward and IG mean (1e-6) as the uninterrupted run.
+
+7 steps with 3 steps per epoch (epoch boundaries, and validation, after steps 3 and 6), a checkpoint after
+every step; `train.py` runs as a subprocess so the kill is a real SIGKILL."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.integration.test_train import ROOT, SMALL, _scalars
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+STEPS, PER_EPOCH = 7, 3
+METRICS = ("train/loss", "reward/outcome", "reward/ig_mean",  # the issue's three, and fingerprints of
+           "train/entropy", "train/kl", "episode/tokens_generated", "episode/turns")  # the samples
+
+
+def _overrides(out: Path, artifacts: Path, *extra: str) -> list[str]:
+    small = [o for o in SMALL if not o.startswith(("data.steps_per_epoch", "data.val_max_questions"))]
+    return [f"paths.root_dir={out}", f"paths.artifacts_dir={artifacts}", f"paths.output_dir={out}",
+            f"hydra.run.dir={out}", *small, f"trainer.max_steps={STEPS}", f"data.steps_per_epoch={PER_EPOCH}",
+            "data.val_max_questions=2", *extra]
+
+
+def _start(out: Path, artifacts: Path, *extra: str) -> subprocess.Popen:
+    log = open(out.parent / f"{out.name}.log", "w")  # noqa: SIM115 (closed with the process)
+    return subprocess.Popen([sys.executable, "train.py", *_overrides(out, artifacts, *extra)], cwd=ROOT,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait(proc: subprocess.Popen, out: Path, timeout: float = 900) -> None:
+    try:
+        rc = proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert rc == 0, (out.parent / f"{out.name}.log").read_text()[-3000:]
+
+
+def _ckpt_step(path: Path) -> int:
+    try:
+        return int(torch.load(path, weights_only=False, map_location="cpu")["global_step"])
+    except Exception:  # not there yet
+        return -1
+
+
+def _by_step(out: Path) -> dict[str, dict[int, float]]:
+    return {k: dict(v) for k, v in _scalars(out / "tb").items()}
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("artifacts")
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory, artifacts) -> Path:
+    """The uninterrupted 7-step run (it also builds the artifacts, once)."""
+    out = tmp_path_factory.mktemp("full") / "full"
+    out.mkdir()
+    _wait(_start(out, artifacts), out)
+    return out
+
+
+# 3: the kill lands at the epoch boundary (right after step 3's checkpoint, during validation); 5: mid-epoch
+@pytest.mark.parametrize("kill_after", [3, 5])
+def test_sigkill_and_resume_continues_exactly(tmp_path, artifacts, full, kill_after):
+    killed, resumed = tmp_path / "killed", tmp_path / "resumed"
+    for d in (killed, resumed):
+        d.mkdir()
+    proc = _start(killed, artifacts)
+    last = killed / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 900
+    while proc.poll() is None and _ckpt_step(last) < kill_after and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    step = _ckpt_step(last)
+    assert kill_after <= step < STEPS, f"killed at checkpoint step {step}"
+    shutil.copy(last, resumed / "last.ckpt")
+    _wait(_start(resumed, artifacts, f"ckpt_path={resumed / 'last.ckpt'}"), resumed)
+
+    a, b = _by_step(full), _by_step(resumed)
+    rows = []
+    for s in range(step, STEPS):  # TensorBoard step s = the (s+1)-th step; the checkpoint holds `step` of them
+        for k in METRICS:
+            rows.append((s, k, a[k].get(s), b[k].get(s)))
+    report = "\n".join(f"step {s} {k}: full {x} resumed {y}" for s, k, x, y in rows)
+    print(f"\nresumed from step {step}:\n{report}")
+    same = [x is not None and y is not None and math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-6) for *_, x, y in rows]
+    assert all(same), report
