@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from igpo.io import atomic_write
+from igpo.models.causal_lm import LoraSettings
+from igpo.prompts import Protocol
 
 log = logging.getLogger(__name__)
-ARTIFACT_VERSION = 1  # bump when the code that builds an artifact changes its output
+ARTIFACT_VERSION = 2  # bump when the code that builds an artifact changes its output
 
 
 def content_key(*parts: Any) -> str:
@@ -36,9 +37,14 @@ def prepare_synthetic(
     oracle: dict | None = None,
     seed: int = 0,
     tokenizer_texts: int = 3000,
+    protocol: Protocol | None = None,
 ) -> dict[str, str]:
     """Build (or reuse) the world, the tiny model and optionally the SFT model; return asset paths:
-    model, corpus, train_questions, val_questions, heldout_questions (IGPO-format parquet files)."""
+    model, corpus, train_questions, val_questions, heldout_questions (IGPO-format parquet files).
+
+    The cache key of each artifact covers everything that determines it: its config, the seed, the
+    artifact it builds on, the agent protocol (the texts it renders), the torch version (bytes are
+    reproducible for one torch build) and ARTIFACT_VERSION (bumped when the building code changes)."""
     from igpo.data.world import WorldConfig, build_world, ensure_world
 
     root = Path(root)
@@ -46,56 +52,70 @@ def prepare_synthetic(
     wcfg = WorldConfig(**dict(world or {}))
     files = ensure_world(wcfg, root)
     tok_cfg, model_cfg = dict(tokenizer or {}), dict(model or {})
-    base_key = content_key("tiny", files.root.name, tok_cfg, model_cfg, seed, tokenizer_texts)
-    base_dir = root / f"tiny-{base_key}"
+    protocol = protocol or Protocol()
+    keys = artifact_keys(files.root.name, tok_cfg, model_cfg, seed, tokenizer_texts, protocol, sft, oracle)
+    base_dir = root / f"tiny-{keys['tiny']}"
     built_world = None
     if not (base_dir / "config.json").exists():
         from igpo.data.oracle import tokenizer_corpus
         from igpo.models.tiny import build_tiny
 
         built_world = build_world(wcfg)
-        texts = tokenizer_corpus(built_world, tokenizer_texts, seed=seed)
+        texts = tokenizer_corpus(built_world, tokenizer_texts, protocol=protocol, seed=seed)
         log.info("building tiny model %s", base_dir)
-        build_tiny(base_dir, texts, vocab_size=tok_cfg.get("vocab_size", 2048), seed=seed, **model_cfg)
+        build_tiny(base_dir, texts, vocab_size=tok_cfg.get("vocab_size", 2048), seed=seed, protocol=protocol,
+                   **model_cfg)
     model_dir = base_dir
     if sft:
-        sft_key = content_key("sft", base_key, dict(sft), dict(oracle or {}))
-        model_dir = root / f"sft-{sft_key}"
+        model_dir = root / f"sft-{keys['sft']}"
         if not (model_dir / "config.json").exists():
             _build_sft(base_dir, model_dir, files, built_world or build_world(wcfg), dict(sft), dict(oracle or {}),
-                       seed)
+                       seed, protocol)
     return {
         "model": str(model_dir), "corpus": str(files.corpus), "train_questions": str(files.parquet["train"]),
         "val_questions": str(files.parquet["validation"]), "heldout_questions": str(files.parquet["heldout"]),
     }
 
 
-def _build_sft(base_dir: Path, out_dir: Path, files, world, sft: dict, oracle: dict, seed: int) -> None:
+def artifact_keys(
+    world_name: str, tokenizer: dict, model: dict, seed: int, tokenizer_texts: int, protocol: Protocol,
+    sft: dict | None, oracle: dict | None,
+) -> dict[str, str | None]:
+    """Cache keys of the tiny base model and the SFT model: a hash of everything that determines them
+    (the world's own key is in `world_name`; the SFT key includes the base key, so it covers it too)."""
+    import torch
+
+    proto = dataclasses.asdict(protocol)
+    tiny = content_key("tiny", world_name, dict(tokenizer), dict(model), seed, tokenizer_texts, proto,
+                       torch.__version__)
+    sft_key = None
+    if sft:
+        sft_key = content_key("sft", tiny, dict(sft), dict(oracle or {}), proto, seed, torch.__version__)
+    return {"tiny": tiny, "sft": sft_key}
+
+
+def _build_sft(base_dir: Path, out_dir: Path, files, world, sft: dict, oracle: dict, seed: int,
+               protocol: Protocol) -> None:
     from transformers import AutoTokenizer
 
     from igpo.data.oracle import OracleConfig, OracleStats, oracle_dataset
-    from igpo.policy import LoraSettings, OptimSettings
     from igpo.retriever.bm25 import BM25Retriever
-    from igpo.sft import run_sft
+    from igpo.sft import SFTConfig, run_sft
 
     t0 = time.perf_counter()
+    sft = dict(sft)
+    samples = int(sft.pop("samples_per_question", 2))
+    lora = sft.pop("lora", None)
+    cfg = SFTConfig(**sft, seed=seed, lora=LoraSettings(**lora) if lora else None)
     ocfg = OracleConfig(**oracle)
     retriever = BM25Retriever(files.corpus)
     retriever.setup()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     stats = OracleStats()
-    episodes = oracle_dataset(world.questions["train"], world, retriever, tokenizer, cfg=ocfg,
-                              samples_per_question=int(sft.get("samples_per_question", 2)), seed=seed, stats=stats)
+    episodes = oracle_dataset(world.questions["train"], world, retriever, tokenizer, protocol=protocol, cfg=ocfg,
+                              samples_per_question=samples, seed=seed, stats=stats)
     retriever.close()
     log.info("SFT data: %d oracle trajectories in %.1fs", len(episodes), time.perf_counter() - t0)
-    lora = LoraSettings(**sft["lora"]) if sft.get("lora") else LoraSettings(enabled=False)
-    optim = OptimSettings(lr=float(sft.get("lr", 2e-3)), betas=(0.9, 0.95), weight_decay=0.01)
-    out, train_stats = run_sft(
-        base_dir, episodes, out_dir, lora=lora, optim=optim, batch_size=int(sft.get("batch_size", 16)),
-        max_steps=int(sft.get("max_steps", 100000)), max_seconds=sft.get("max_seconds"),
-        warmup_steps=int(sft.get("warmup_steps", 30)), seed=seed, autocast_bf16=bool(sft.get("bf16", True)),
-        log_dir=out_dir.with_name(out_dir.name + ".logs"),
-    )
-    manifest = {"trajectories": len(episodes), "oracle": dataclasses.asdict(stats), "sft": train_stats,
-                "data_seconds": time.perf_counter() - t0}
-    atomic_write(out / "sft_manifest.json", json.dumps(manifest, indent=1, default=str))
+    manifest = {"trajectories": len(episodes), "oracle": dataclasses.asdict(stats),
+                "data_seconds": time.perf_counter() - t0, "protocol": dataclasses.asdict(protocol)}
+    run_sft(base_dir, episodes, out_dir, cfg, log_dir=out_dir.with_name(out_dir.name + ".logs"), manifest=manifest)

@@ -29,12 +29,12 @@ def heldout_by_hop(path: str, per_hop: int, seed: int) -> dict[int, list[Questio
     """`per_hop` held-out questions of each hop count (fixed sample for before/after)."""
     by_hop: dict[int, list[Question]] = {}
     for q in load_questions(path):
-        by_hop.setdefault(_hops(q), []).append(q)
+        by_hop.setdefault(hops_of(q), []).append(q)
     rng = random.Random(seed)
     return {h: rng.sample(qs, min(per_hop, len(qs))) for h, qs in sorted(by_hop.items())}
 
 
-def _hops(q: Question) -> int:
+def hops_of(q: Question) -> int:
     return int(q.metadata.get("extra_info", {}).get("hops") or 0)  # written by igpo.data.world
 
 

@@ -39,6 +39,10 @@ class Protocol:
     information: tuple[str, str] = ("<information>", "</information>")
     probe_think: str = PROBE_THINK
     doc_template: str = "({rank}) {title}. {text}"
+    # Text between an opening search/answer tag and its content. " " makes a name after the tag tokenise
+    # like the same name inside a sentence (`<search> Fennusil` -> `ĠFennusil`, as in the question), so
+    # copying it is a one-token copy; "" is Search-R1's rendering.
+    content_sep: str = ""
 
     @property
     def tags(self) -> list[str]:
@@ -57,12 +61,12 @@ class Protocol:
 
     def probe_prefix(self) -> str:
         """Text after the assistant header before the gold answer (the IGPO pseudo-response)."""
-        return f"{self.think[0]}{self.probe_think}{self.think[1]}{self.answer[0]}"
+        return f"{self.think[0]}{self.probe_think}{self.think[1]}{self.answer[0]}{self.content_sep}"
 
     def action(self, think: str, kind: TurnKind, content: str) -> str:
         """Render an action (used by the scripted oracle and tests)."""
         tag = self.search if kind == "search" else self.answer
-        return f"{self.think[0]}{think}{self.think[1]}{tag[0]}{content}{tag[1]}"
+        return f"{self.think[0]}{think}{self.think[1]}{tag[0]}{self.content_sep}{content}{tag[1]}"
 
 
 @dataclass(frozen=True)

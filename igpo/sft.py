@@ -1,123 +1,150 @@
-"""SFT warm start as a Lightning stage with the same policy module (full fine-tune or LoRA).
+"""SFT warm start as a Lightning stage: masked NLL of the policy's own tokens on scripted trajectories.
 
-The data are episodes tokenised exactly like rollouts (see igpo.data.oracle); the loss is the
-mean NLL of the assistant action tokens only (loss_mask). Training stops at a step budget or a
-wall-clock budget, whichever comes first; the learning rate follows warm-up then cosine decay over
-that budget (measured in time when a time budget is set). The result is a plain model directory
-(LoRA merged) that both transformers and vLLM load.
+The budget is a number of optimizer steps (`SFTConfig.max_steps`), never wall-clock time: for a given
+config and torch build the same model comes out on any machine and under any load (tested with a busy
+CPU beside it). The learning rate warms up, then follows a cosine to `min_lr_ratio` over those steps.
+`max_minutes` is only a safety limit: a run that reaches it fails loudly instead of exporting a model
+trained for fewer steps than asked.
+
+The data are episodes tokenised exactly like rollouts (see igpo.data.oracle). Each step sees
+`batch_size` trajectories, either padded (length-bucketed, little waste) or packed (`packing=True`:
+concatenated into rows of `pack_length` tokens with a block-diagonal causal mask and per-sequence
+position ids, so no padding). Packing changes only the layout: the loss of a step is the same
+(token-mean NLL over the step's action tokens). The log-softmax runs only at action-token positions
+(`igpo.algorithm.logprobs`), under bf16 autocast by default. The result is a plain model directory
+(LoRA merged) that transformers and vLLM load, written atomically.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
-import shutil
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
-from igpo.algorithm.loss import token_logprobs_and_entropy
-from igpo.policy import IGPOPolicy, LoraSettings, OptimSettings
+from igpo.algorithm.logprobs import decoder_hidden, head_logprobs
+from igpo.io import atomic_dir
+from igpo.models.causal_lm import LoraSettings, load_causal_lm
 from igpo.types import Episode
 
 
-class SFTPolicy(IGPOPolicy):
-    """IGPOPolicy with a supervised step: masked NLL on policy tokens, warm-up + cosine schedule."""
+@dataclass(frozen=True)
+class SFTConfig:
+    """Everything that determines the SFT model besides the data and the base model."""
 
-    def __init__(
-        self, model: str, lora: LoraSettings | None = None, optim: OptimSettings | None = None,
-        max_steps: int = 1000, max_seconds: float | None = None, warmup_steps: int = 30, min_lr_ratio: float = 0.1,
-        torch_dtype: str = "float32", autocast_bf16: bool = False,
-    ) -> None:
-        super().__init__(model, lora=lora or LoraSettings(enabled=False), optim=optim, torch_dtype=torch_dtype,
-                         keep_reference=False)
-        self.automatic_optimization = True
-        self.max_steps_budget, self.max_seconds = max_steps, max_seconds
-        self.warmup_steps, self.min_lr_ratio, self.autocast_bf16 = warmup_steps, min_lr_ratio, autocast_bf16
-        self._t0: float | None = None
+    max_steps: int = 1000  # the budget: optimizer steps
+    batch_size: int = 16  # trajectories per step
+    lr: float = 2e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.01
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    bf16: bool = True  # autocast; fp32 master weights
+    packing: bool = False
+    pack_length: int = 1024
+    lora: LoraSettings | None = None  # None: full fine-tune
+    seed: int = 0
+    max_minutes: float | None = 60.0  # safety limit only: reaching it is an error
+    accelerator: str = "auto"
+    chunk_size: int = 4096  # rows of the output head per chunk (see igpo.algorithm.logprobs)
+    extra: dict = field(default_factory=dict)  # ignored by training; part of the cache key
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "pack_length", "chunk_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"sft.{name}={getattr(self, name)!r}: must be >= 1")
+        if not 0 <= self.warmup_steps < self.max_steps:
+            raise ValueError(f"sft.warmup_steps={self.warmup_steps} must be in [0, max_steps={self.max_steps})")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"sft.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+
+
+def lr_factor(step: int, cfg: SFTConfig) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warm-up, then cosine."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min((step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1), 1.0)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class SFTModule(L.LightningModule):
+    """Masked NLL of the action tokens; the model comes from the same builder as the RL policy."""
+
+    def __init__(self, model: str, cfg: SFTConfig) -> None:
+        super().__init__()
+        self.model_path, self.cfg = model, cfg
+        self.model: torch.nn.Module | None = None
         self.losses: list[float] = []
         self.tokens_seen = 0
+        self.loss_tokens_seen = 0
 
-    def progress(self) -> float:
-        """Share of the budget used, in [0, 1]: time-based when max_seconds is set."""
-        by_steps = self.global_step / max(self.max_steps_budget, 1)
-        if self.max_seconds is None or self._t0 is None:
-            return min(by_steps, 1.0)
-        return min(max(by_steps, (time.perf_counter() - self._t0) / self.max_seconds), 1.0)
-
-    def on_train_start(self) -> None:
-        self._t0 = time.perf_counter()
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = load_causal_lm(self.model_path, lora=self.cfg.lora)
 
     def configure_optimizers(self):
+        c = self.cfg
         params = [p for p in self.model.parameters() if p.requires_grad]
-        o = self.optim
-        opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-
-        def factor(_: int) -> float:
-            if self.global_step < self.warmup_steps:
-                return (self.global_step + 1) / self.warmup_steps
-            cos = 0.5 * (1 + math.cos(math.pi * self.progress()))
-            return self.min_lr_ratio + (1 - self.min_lr_ratio) * cos
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        opt = torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.betas), weight_decay=c.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, c))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast_bf16):
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logprobs, _ = token_logprobs_and_entropy(logits.float(), batch["input_ids"])
-        mask = batch["loss_mask"]
-        loss = -(logprobs * mask).sum() / mask.sum().clamp(min=1)
+        loss = sft_loss(self.model, batch, bf16=self.cfg.bf16, chunk_size=self.cfg.chunk_size)
         self.losses.append(float(loss.detach()))
-        self.tokens_seen += int(batch["attention_mask"].sum())
+        self.tokens_seen += int(batch["n_tokens"])
+        self.loss_tokens_seen += int(batch["loss_mask"].sum())
         self.log_dict({"sft/loss": loss.detach(), "sft/lr": self.optimizers().param_groups[0]["lr"]},
-                      on_step=True, prog_bar=True)
-        if self.max_seconds is not None and self._t0 is not None and time.perf_counter() - self._t0 > self.max_seconds:
-            self.trainer.should_stop = True
+                      on_step=True, prog_bar=True, batch_size=1)
         return loss
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        return {k: v.to(device) for k, v in batch.items()}
-
-    def validation_step(self, batch, batch_idx):  # SFT has no rollout validation
-        return None
-
-    def export(self, out_dir: str | Path, tokenizer) -> Path:
-        """Write a plain HF model directory (LoRA merged) + tokenizer, atomically."""
-        out = Path(out_dir)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model = self.model
-        if self.lora.enabled:
-            model = model.merge_and_unload()
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
-        return out
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def sft_batches(
-    episodes: list[Episode], pad_token_id: int, batch_size: int = 16, seed: int = 0, bucket: int = 50,
-) -> list[dict[str, torch.Tensor]]:
-    """Length-bucketed, shuffled padded batches (input_ids, attention_mask, loss_mask)."""
+def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, bf16: bool = True,
+             chunk_size: int = 4096) -> torch.Tensor:
+    """Token-mean NLL of the tokens where batch["loss_mask"] is 1, for a padded or a packed batch."""
+    ids, mask = batch["input_ids"], batch["loss_mask"]
+    device = ids.device.type
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        hidden = decoder_hidden(model, ids, batch["attention_mask"], batch.get("position_ids"))
+        sel = mask.bool().clone()
+        sel[:, 0] = False  # position 0 has no predictor (never a loss token in practice)
+        rows, cols = sel.nonzero(as_tuple=True)
+        lp, _ = head_logprobs(hidden[rows, cols - 1], ids[rows, cols], model.get_output_embeddings(),
+                              chunk_size=chunk_size)
+    return -lp.sum() / max(int(sel.sum()), 1)
+
+
+# ---------------------------------------------------------------------------------------------- batching
+Row = tuple[list[int], list[int]]  # (token ids, loss mask)
+
+
+def sft_batches(episodes: list[Episode], pad_token_id: int, batch_size: int = 16, seed: int = 0, bucket: int = 50,
+                packing: bool = False, pack_length: int = 1024) -> list[dict[str, torch.Tensor]]:
+    """The steps of one pass over `episodes`: groups of `batch_size` trajectories of similar length
+    (shuffled within chunks of `batch_size * bucket`), each padded or packed; the order of the groups
+    is shuffled too. Deterministic in `seed`."""
     rng = random.Random(seed)
-    rows = [(e.token_ids, e.loss_mask) for e in episodes]
+    rows: list[Row] = [(e.token_ids, e.loss_mask) for e in episodes]
     rng.shuffle(rows)
-    chunks = [sorted(rows[i: i + batch_size * bucket], key=lambda r: len(r[0]))
-              for i in range(0, len(rows), batch_size * bucket)]
-    batches = []
-    for chunk in chunks:
-        for i in range(0, len(chunk), batch_size):
-            batches.append(_pad(chunk[i: i + batch_size], pad_token_id))
-    rng.shuffle(batches)
-    return batches
+    groups: list[list[Row]] = []
+    for i in range(0, len(rows), batch_size * bucket):
+        chunk = sorted(rows[i: i + batch_size * bucket], key=lambda r: len(r[0]))
+        groups += [chunk[j: j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(groups)
+    return [_pack(g, pad_token_id, pack_length) if packing else _pad(g, pad_token_id) for g in groups]
 
 
-def _pad(rows: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
+def _pad(rows: list[Row], pad: int) -> dict[str, torch.Tensor]:
     width = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     att = torch.zeros((len(rows), width), dtype=torch.long)
@@ -126,51 +153,99 @@ def _pad(rows: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.T
         ids[i, : len(t)] = torch.tensor(t)
         att[i, : len(t)] = 1
         mask[i, : len(m)] = torch.tensor(m, dtype=torch.float32)
-    return {"input_ids": ids, "attention_mask": att, "loss_mask": mask}
+    return {"input_ids": ids, "attention_mask": att, "loss_mask": mask, "n_tokens": torch.tensor(int(att.sum()))}
 
 
-def run_sft(
-    model_dir: str | Path, episodes: list[Episode], out_dir: str | Path, *, lora: LoraSettings | None = None,
-    optim: OptimSettings | None = None, batch_size: int = 16, max_steps: int = 1000, max_seconds: float | None = None,
-    warmup_steps: int = 30, seed: int = 0, autocast_bf16: bool = True, log_dir: str | Path | None = None,
-) -> tuple[Path, dict[str, float]]:
-    """Fine-tune `model_dir` on `episodes` and export to `out_dir`; returns (dir, stats)."""
-    from transformers import AutoTokenizer
+def _pack(rows: list[Row], pad: int, length: int) -> dict[str, torch.Tensor]:
+    """First-fit-decreasing into rows of `length` tokens (a longer trajectory gets a row of its own);
+    block-diagonal causal [R, 1, P, P] bool mask, positions restarting at 0 in every sequence."""
+    bins: list[list[Row]] = []
+    for r in sorted(rows, key=lambda r: -len(r[0])):
+        for b in bins:
+            if sum(len(x[0]) for x in b) + len(r[0]) <= length:
+                b.append(r)
+                break
+        else:
+            bins.append([r])
+    width = max(sum(len(x[0]) for x in b) for b in bins)
+    ids = torch.full((len(bins), width), pad, dtype=torch.long)
+    pos = torch.zeros_like(ids)
+    seg = torch.full_like(ids, -1)
+    mask = torch.zeros((len(bins), width), dtype=torch.float32)
+    for i, b in enumerate(bins):
+        o = 0
+        for s, (t, m) in enumerate(b):
+            n = len(t)
+            ids[i, o: o + n], pos[i, o: o + n], seg[i, o: o + n] = torch.tensor(t), torch.arange(n), s
+            mask[i, o: o + n] = torch.tensor(m, dtype=torch.float32)
+            o += n
+    idx = torch.arange(width)
+    allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0) & (idx[None, :] <= idx[:, None])
+    allowed |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no empty softmax row
+    return {"input_ids": ids, "attention_mask": allowed[:, None], "position_ids": pos, "loss_mask": mask,
+            "n_tokens": torch.tensor(int((seg >= 0).sum()))}
 
-    L.seed_everything(seed, workers=True)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    policy = SFTPolicy(str(model_dir), lora=lora, optim=optim or OptimSettings(lr=2e-3, betas=(0.9, 0.95)),
-                       max_steps=max_steps, max_seconds=max_seconds, warmup_steps=warmup_steps,
-                       autocast_bf16=autocast_bf16)
-    batches = sft_batches(episodes, tokenizer.pad_token_id, batch_size, seed)
-    epochs = max(1, math.ceil(max_steps / max(len(batches), 1)))
-    loader = DataLoader(_Repeat(batches, epochs, seed), batch_size=None, num_workers=0)
-    logger = L.pytorch.loggers.TensorBoardLogger(str(log_dir), name="sft", version="") if log_dir else False
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=1, logger=logger,
-                        enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=10,
-                        limit_val_batches=0, gradient_clip_val=1.0, enable_progress_bar=True)
-    t0 = time.perf_counter()
-    trainer.fit(policy, train_dataloaders=loader)
-    seconds = time.perf_counter() - t0
-    head, tail = policy.losses[:10], policy.losses[-10:]
-    stats = {"steps": float(policy.global_step), "seconds": seconds,
-             "loss_first10": sum(head) / max(len(head), 1), "loss_last10": sum(tail) / max(len(tail), 1),
-             "epochs": policy.global_step / max(len(batches), 1),
-             "tokens_per_s": policy.tokens_seen / max(seconds, 1e-9)}
-    return policy.export(out_dir, tokenizer), stats
 
+class _Steps(IterableDataset):
+    """Exactly `steps` batches: passes over `batches`, each pass in a new seeded order."""
 
-class _Repeat(torch.utils.data.IterableDataset):
-    def __init__(self, batches: list, epochs: int, seed: int) -> None:
-        self.batches, self.epochs, self.seed = batches, epochs, seed
+    def __init__(self, batches: list, steps: int, seed: int) -> None:
+        self.batches, self.steps, self.seed = batches, steps, seed
 
     def __len__(self) -> int:
-        return len(self.batches) * self.epochs
+        return self.steps
 
     def __iter__(self):
-        rng = random.Random(self.seed)
-        for _ in range(self.epochs):
-            order = list(range(len(self.batches)))
-            rng.shuffle(order)
-            for i in order:
-                yield self.batches[i]
+        rng, served, order = random.Random(self.seed), 0, []
+        while served < self.steps:
+            if not order:
+                order = list(range(len(self.batches)))
+                rng.shuffle(order)
+            yield self.batches[order.pop()]
+            served += 1
+
+
+# ------------------------------------------------------------------------------------------------- entry
+def run_sft(
+    model_dir: str | Path, episodes: list[Episode], out_dir: str | Path, cfg: SFTConfig,
+    log_dir: str | Path | None = None, manifest: dict | None = None, progress: bool = True,
+) -> tuple[Path, dict[str, float]]:
+    """Fine-tune `model_dir` on `episodes` for exactly `cfg.max_steps` optimizer steps and export a plain
+    model directory to `out_dir` (atomically, with `sft_manifest.json`); returns (dir, stats)."""
+    from transformers import AutoTokenizer
+
+    if not episodes:
+        raise ValueError("run_sft: no training episodes")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    batches = sft_batches(episodes, tokenizer.pad_token_id, cfg.batch_size, cfg.seed, packing=cfg.packing,
+                          pack_length=cfg.pack_length)
+    module = SFTModule(str(model_dir), cfg)
+    loader = DataLoader(_Steps(batches, cfg.max_steps, cfg.seed), batch_size=None, num_workers=0)
+    logger = L.pytorch.loggers.TensorBoardLogger(str(log_dir), name="sft", version="") if log_dir else False
+    max_time = {"minutes": cfg.max_minutes} if cfg.max_minutes else None
+    trainer = L.Trainer(
+        accelerator=cfg.accelerator, devices=1, max_steps=cfg.max_steps, max_epochs=1, max_time=max_time,
+        logger=logger, enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=10,
+        limit_val_batches=0, gradient_clip_val=cfg.grad_clip, enable_progress_bar=progress,
+    )
+    t0 = time.perf_counter()
+    trainer.fit(module, train_dataloaders=loader)
+    seconds = time.perf_counter() - t0
+    if trainer.global_step != cfg.max_steps:
+        raise RuntimeError(
+            f"SFT stopped after {trainer.global_step} of {cfg.max_steps} optimizer steps: it reached the safety "
+            f"limit sft.max_minutes={cfg.max_minutes} (the budget is steps; the limit only guards against a stuck "
+            "machine). Raise sft.max_minutes or lower sft.max_steps; no model was written.")
+    head, tail = module.losses[:20], module.losses[-20:]
+    stats = {"steps": float(trainer.global_step), "epochs": trainer.global_step / len(batches),
+             "loss_first20": sum(head) / len(head), "loss_last20": sum(tail) / len(tail),
+             "tokens": float(module.tokens_seen), "loss_tokens": float(module.loss_tokens_seen),
+             "seconds": seconds, "tokens_per_s": module.tokens_seen / max(seconds, 1e-9)}
+    model = module.model.merge_and_unload() if cfg.lora is not None and cfg.lora.enabled else module.model
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        info = {"sft": asdict(cfg), "stats": stats, **(manifest or {})}
+        (tmp / "sft_manifest.json").write_text(json.dumps(info, indent=1, default=str))
+    return Path(out_dir), stats

@@ -1,0 +1,103 @@
+"""Token log-probs and entropies from a causal LM without materialising [B, L, V] logits.
+
+The loss, the KL and the probe need log π(token) only at a few positions: the policy's own tokens
+(loss_mask, ~20-25 % of a search-agent trajectory) and the gold tokens of the probe blocks. So the
+decoder runs once to its final hidden states, the hidden rows that predict the wanted tokens are
+gathered, and the output head + log-softmax run over those rows in chunks of `chunk_size` rows.
+With gradients enabled each chunk is checkpointed: its [chunk, V] fp32 logits are recomputed in the
+backward pass instead of being held, so peak memory is O(chunk · V), not O(B · L · V) (issue 9's
+memory goal for 151k-token vocabularies). Values and gradients equal the full-logits path
+(`igpo.algorithm.loss.token_logprobs_and_entropy`) up to float rounding.
+
+Assumes logits = lm_head(last_hidden_state) (true for Llama/Qwen2/Mistral-style models; models with
+logit soft-capping or scaling need the full path).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def decoder_hidden(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Final hidden states [B, L, H] of a HF causal LM (peft-wrapped or not; active adapters apply).
+
+    `attention_mask` may be a [B, L] padding mask or a 4D mask that transformers uses as-is."""
+    decoder = model.get_decoder()
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return out.last_hidden_state
+
+
+def _head_stats(
+    hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, with_entropy: bool, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    z = head(hidden).float()
+    if temperature != 1.0:
+        z = z / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    lp = z.gather(-1, targets[:, None])[:, 0] - lse
+    if not with_entropy:
+        return lp, torch.zeros_like(lp)
+    p = torch.softmax(z, dim=-1)
+    return lp, lse - (p * z).sum(-1)
+
+
+def head_logprobs(
+    hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, *, with_entropy: bool = False,
+    chunk_size: int = 2048, temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log π(targets[n] | hidden[n]) for N hidden rows [N, H] → ([N] fp32, [N] entropy or None).
+
+    Chunks of `chunk_size` rows; under autograd each chunk is checkpointed (logits recomputed in
+    backward), so no more than one [chunk, V] fp32 logit block is alive at a time."""
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"head_logprobs: hidden [N, H] and targets [N] expected, got {tuple(hidden.shape)} "
+                         f"and {tuple(targets.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"head_logprobs: chunk_size must be >= 1, got {chunk_size}")
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    lps, ents = [], []
+    for s in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[s: s + chunk_size], targets[s: s + chunk_size]
+        if grad:
+            lp, ent = checkpoint(_head_stats, h, t, head, with_entropy, temperature, use_reentrant=False)
+        else:
+            lp, ent = _head_stats(h, t, head, with_entropy, temperature)
+        lps.append(lp)
+        ents.append(ent)
+    if not lps:
+        empty = hidden.new_zeros((0,), dtype=torch.float32)
+        return empty, (empty if with_entropy else None)
+    return torch.cat(lps), (torch.cat(ents) if with_entropy else None)
+
+
+def token_logprobs_at(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    select: torch.Tensor,
+    *,
+    with_entropy: bool = False,
+    chunk_size: int = 2048,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[B, L] fp32 log p(input_ids[j] | ids[:j]) at positions where `select` is true (position 0 and
+    unselected positions hold 0), and the entropy of the distribution that predicted each selected
+    token (or None). The layout of `RolloutBatch` log-prob tensors."""
+    if select.shape != input_ids.shape:
+        raise ValueError(f"token_logprobs_at: select {tuple(select.shape)} must match input_ids "
+                         f"{tuple(input_ids.shape)}")
+    hidden = decoder_hidden(model, input_ids, attention_mask)
+    sel = select.to(torch.bool).clone()
+    sel[:, 0] = False
+    rows, cols = sel.nonzero(as_tuple=True)
+    lp, ent = head_logprobs(hidden[rows, cols - 1], input_ids[rows, cols], model.get_output_embeddings(),
+                            with_entropy=with_entropy, chunk_size=chunk_size, temperature=temperature)
+    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=hidden.device)
+    out = out.index_put((rows, cols), lp)
+    if ent is None:
+        return out, None
+    return out, torch.zeros_like(out).index_put((rows, cols), ent)

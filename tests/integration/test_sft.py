@@ -1,0 +1,106 @@
+"""The SFT warm start: a step budget gives the same bytes on an idle and on a busy machine; packing is
+a layout change only; the cache key covers every input; the time limit fails loudly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from igpo.artifacts import artifact_keys
+from igpo.models.causal_lm import load_causal_lm
+from igpo.prompts import Protocol, encode
+from igpo.sft import SFTConfig, _pack, _pad, lr_factor, run_sft, sft_loss
+from igpo.types import Episode, Question, Turn
+
+pytestmark = pytest.mark.slow
+
+
+def _episodes(tokenizer, texts: list[str], n: int = 48) -> list[Episode]:
+    out = []
+    for i, text in enumerate(texts[:n]):
+        ids = encode(tokenizer, text)
+        cut = max(1, len(ids) // 3)
+        q = Question(f"q{i}", "q", ["a"])
+        ep = Episode(q, i, ids[:cut], [Turn(0, ids[cut:], [0.0] * (len(ids) - cut), "", "answer")])
+        out.append(ep)
+    return out
+
+
+def _burn(n: int) -> list[subprocess.Popen]:
+    code = "import time\nt=time.time()\nwhile time.time()-t<600: pass"
+    return [subprocess.Popen([sys.executable, "-c", code]) for _ in range(n)]
+
+
+def test_same_bytes_on_an_idle_and_a_busy_machine(tiny_model_dir, tiny_tokenizer, tiny_texts, tmp_path):
+    eps = _episodes(tiny_tokenizer, [t for t in tiny_texts if "<|im_start|>" in t])
+    cfg = SFTConfig(max_steps=12, batch_size=8, warmup_steps=2, lr=1e-3, max_minutes=20)
+    a, stats = run_sft(tiny_model_dir, eps, tmp_path / "idle", cfg, progress=False)
+    burners = _burn(2)  # two busy processes on a 2-core machine: every step runs much slower
+    try:
+        b, _ = run_sft(tiny_model_dir, eps, tmp_path / "busy", cfg, progress=False)
+    finally:
+        for p in burners:
+            p.kill()
+    assert stats["steps"] == 12
+    weights_a = (a / "model.safetensors").read_bytes()
+    assert weights_a == (b / "model.safetensors").read_bytes()
+    assert weights_a != (Path(tiny_model_dir) / "model.safetensors").read_bytes()  # it trained
+    # a different step budget is a different model
+    c, _ = run_sft(tiny_model_dir, eps, tmp_path / "c", SFTConfig(max_steps=13, batch_size=8, warmup_steps=2,
+                                                                  lr=1e-3), progress=False)
+    assert (c / "model.safetensors").read_bytes() != weights_a
+
+
+def test_time_limit_fails_loudly_and_writes_nothing(tiny_model_dir, tiny_tokenizer, tiny_texts, tmp_path):
+    eps = _episodes(tiny_tokenizer, [t for t in tiny_texts if "<|im_start|>" in t])
+    cfg = SFTConfig(max_steps=100000, batch_size=8, warmup_steps=2, max_minutes=0.05)
+    with pytest.raises(RuntimeError, match="safety limit"):
+        run_sft(tiny_model_dir, eps, tmp_path / "out", cfg, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_packing_changes_the_layout_not_the_loss(tiny_model_dir, tiny_tokenizer, tiny_texts):
+    eps = _episodes(tiny_tokenizer, [t for t in tiny_texts if "<|im_start|>" in t], n=10)
+    rows = [(e.token_ids, e.loss_mask) for e in eps]
+    model = load_causal_lm(str(tiny_model_dir)).eval()
+    padded, packed = _pad(rows, tiny_tokenizer.pad_token_id), _pack(rows, tiny_tokenizer.pad_token_id, 512)
+    assert packed["input_ids"].shape[0] < len(rows)  # several trajectories share a row
+    assert int(packed["n_tokens"]) == int(padded["n_tokens"]) == sum(len(r[0]) for r in rows)
+    with torch.no_grad():
+        a = sft_loss(model, padded, bf16=False)
+        b = sft_loss(model, packed, bf16=False)
+    assert float(a) == pytest.approx(float(b), abs=1e-5)
+
+
+def test_lr_schedule_golden_values():
+    cfg = SFTConfig(max_steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
+    assert lr_factor(110, cfg) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        SFTConfig(max_steps=5, warmup_steps=5)
+
+
+def test_cache_key_changes_with_every_input():
+    base = dict(world_name="world-x", tokenizer={"vocab_size": 2048}, model={"hidden_size": 256}, seed=0,
+                tokenizer_texts=3000, protocol=Protocol(), sft={"max_steps": 10, "lr": 2e-3},
+                oracle={"probe_think": 0.2})
+    ref = artifact_keys(**base)
+    assert ref == artifact_keys(**base)
+    changes = {
+        "world_name": "world-y", "tokenizer": {"vocab_size": 1024}, "model": {"hidden_size": 128}, "seed": 1,
+        "tokenizer_texts": 100, "protocol": Protocol(content_sep=" "), "sft": {"max_steps": 11, "lr": 2e-3},
+        "oracle": {"probe_think": 0.1},
+    }
+    for name, value in changes.items():
+        keys = artifact_keys(**(base | {name: value}))
+        assert keys["sft"] != ref["sft"], name
+        if name not in ("sft", "oracle"):
+            assert keys["tiny"] != ref["tiny"], name
+    assert artifact_keys(**(base | {"sft": None}))["sft"] is None
