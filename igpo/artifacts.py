@@ -1,6 +1,11 @@
 """Offline assets, built by igpo itself and cached by content: the synthetic world, a tokenizer and
 tiny Qwen2 trained on its texts, and (optionally) the SFT warm-start model.
 
+With `base_model` a given model (a Hugging Face directory, or a name in `BASE_MODELS`, e.g.
+`smollm2-135m-instruct`, converted offline by `igpo.models.gguf`) replaces the tiny one: no tokenizer or
+model is built, and the SFT warm start (LoRA or full, as `sft` says) trains that model on oracle
+trajectories rendered with its own chat template and tokenizer.
+
 Each artifact lives in `<root>/<kind>-<hash of everything that determines it>/`, is written to a
 temporary directory and renamed when complete, and is reused when the same configuration asks
 for it again (a second `make demo` skips straight to RL).
@@ -38,13 +43,16 @@ def prepare_synthetic(
     seed: int = 0,
     tokenizer_texts: int = 3000,
     protocol: Protocol | None = None,
+    base_model: str | None = None,
 ) -> dict[str, str]:
     """Build (or reuse) the world, the tiny model and optionally the SFT model; return asset paths:
     model, corpus, train_questions, val_questions, heldout_questions (IGPO-format parquet files).
 
-    The cache key of each artifact covers everything that determines it: its config, the seed, the
-    artifact it builds on, the agent protocol (the texts it renders), the torch version (bytes are
-    reproducible for one torch build) and ARTIFACT_VERSION (bumped when the building code changes)."""
+    `base_model` (a directory or a name in `BASE_MODELS`) is used instead of the tiny model; `tokenizer`,
+    `model` and `tokenizer_texts` are then unused. The cache key of each artifact covers everything that
+    determines it: its config, the seed, the artifact it builds on, the agent protocol (the texts it
+    renders), the torch version (bytes are reproducible for one torch build) and ARTIFACT_VERSION
+    (bumped when the building code changes)."""
     from igpo.data.world import WorldConfig, build_world, ensure_world
 
     root = Path(root)
@@ -53,10 +61,13 @@ def prepare_synthetic(
     files = ensure_world(wcfg, root)
     tok_cfg, model_cfg = dict(tokenizer or {}), dict(model or {})
     protocol = protocol or Protocol()
-    keys = artifact_keys(files.root.name, tok_cfg, model_cfg, seed, tokenizer_texts, protocol, sft, oracle)
-    base_dir = root / f"tiny-{keys['tiny']}"
+    base_dir = resolve_base_model(base_model, root) if base_model else None
+    keys = artifact_keys(files.root.name, tok_cfg, model_cfg, seed, tokenizer_texts, protocol, sft, oracle,
+                         base_model=base_model_id(base_dir) if base_dir else None)
     built_world = None
-    if not (base_dir / "config.json").exists():
+    if base_dir is None:
+        base_dir = root / f"tiny-{keys['tiny']}"
+    if keys["tiny"] is not None and not (base_dir / "config.json").exists():
         from igpo.data.oracle import tokenizer_corpus
         from igpo.models.tiny import build_tiny
 
@@ -79,19 +90,57 @@ def prepare_synthetic(
 
 def artifact_keys(
     world_name: str, tokenizer: dict, model: dict, seed: int, tokenizer_texts: int, protocol: Protocol,
-    sft: dict | None, oracle: dict | None,
+    sft: dict | None, oracle: dict | None, base_model: str | None = None,
 ) -> dict[str, str | None]:
     """Cache keys of the tiny base model and the SFT model: a hash of everything that determines them
-    (the world's own key is in `world_name`; the SFT key includes the base key, so it covers it too)."""
+    (the world's own key is in `world_name`; the SFT key includes the base key, so it covers it too).
+
+    With `base_model` (its identity, `base_model_id`) there is no tiny model (`tiny` is None) and the SFT
+    key covers the base model and the world instead; `tokenizer`, `model` and `tokenizer_texts` are unused."""
     import torch
 
     proto = dataclasses.asdict(protocol)
-    tiny = content_key("tiny", world_name, dict(tokenizer), dict(model), seed, tokenizer_texts, proto,
-                       torch.__version__)
+    if base_model is None:
+        tiny = content_key("tiny", world_name, dict(tokenizer), dict(model), seed, tokenizer_texts, proto,
+                           torch.__version__)
+        base = tiny
+    else:
+        tiny, base = None, ["base", base_model, world_name]
     sft_key = None
     if sft:
-        sft_key = content_key("sft", tiny, dict(sft), dict(oracle or {}), proto, seed, torch.__version__)
+        sft_key = content_key("sft", base, dict(sft), dict(oracle or {}), proto, seed, torch.__version__)
     return {"tiny": tiny, "sft": sft_key}
+
+
+# Base models known by name: name -> builder(cache_root) returning a Hugging Face directory.
+BASE_MODELS = {"smollm2-135m-instruct": "igpo.models.gguf:smollm2_135m_instruct"}
+
+
+def resolve_base_model(base_model: str, root: str | Path) -> Path:
+    """The directory of `base_model`: a name in BASE_MODELS (built once into `root`) or a directory."""
+    if base_model in BASE_MODELS:
+        import importlib
+
+        module, func = BASE_MODELS[base_model].split(":")
+        return Path(getattr(importlib.import_module(module), func)(cache_root=root))
+    path = Path(base_model).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"prepare.base_model={base_model!r}: neither a known name ({', '.join(BASE_MODELS)}) nor a model "
+            "directory with a config.json (a hub id is not supported here: the SFT cache needs local files)")
+    return path.resolve()
+
+
+def base_model_id(path: Path) -> str:
+    """What the SFT cache key knows of a base model directory: its name (a converted GGUF's name carries
+    the file's hash) and the content of its config and manifests. Weights replaced in place under the
+    same name and config are not noticed: give a changed model a new directory."""
+    parts = [path.name]
+    for name in ("config.json", "igpo_gguf.json", "sft_manifest.json"):
+        f = path / name
+        if f.is_file():
+            parts.append(hashlib.sha256(f.read_bytes()).hexdigest()[:16])
+    return ":".join(parts)
 
 
 def _build_sft(base_dir: Path, out_dir: Path, files, world, sft: dict, oracle: dict, seed: int,

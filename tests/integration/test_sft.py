@@ -104,3 +104,12 @@ def test_cache_key_changes_with_every_input():
         if name not in ("sft", "oracle"):
             assert keys["tiny"] != ref["tiny"], name
     assert artifact_keys(**(base | {"sft": None}))["sft"] is None
+    # a given base model replaces the tiny one: no tiny key; the SFT key covers the base model and the
+    # world, and not the tiny model's settings (which are unused then)
+    based = artifact_keys(**base, base_model="smollm2-135m-instruct-0dd472bfd8412ee6:abc")
+    assert based["tiny"] is None and based["sft"] not in (None, ref["sft"])
+    for name, value in changes.items():
+        keys = artifact_keys(**(base | {name: value}), base_model="smollm2-135m-instruct-0dd472bfd8412ee6:abc")
+        assert (keys["sft"] != based["sft"]) == (name not in ("tokenizer", "model", "tokenizer_texts")), name
+    other = artifact_keys(**base, base_model="smollm2-135m-instruct-1111111111111111:abc")
+    assert other["sft"] != based["sft"]
