@@ -179,8 +179,8 @@ class EpisodeLogger(L.Callback):
             self.rng.setstate((version, tuple(internal), gauss))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch: RolloutBatch, batch_idx: int) -> None:
-        step = trainer.global_step
-        if batch.turn_rewards is None or step % self.every_n_steps:
+        step = trainer.global_step - 1  # the 0-based index of the rollout batch just trained (as in the logs)
+        if batch.scores is None or step % self.every_n_steps:
             return
         tok = trainer.datamodule.tokenizer
         picks = self.rng.sample(range(len(batch)), min(self.n_dump, len(batch)))
@@ -195,7 +195,7 @@ class EpisodeLogger(L.Callback):
         for j, r in enumerate(records[: self.n_text]):
             writer.add_text(f"episodes/sample_{j}", _markdown(r), step)
         by_turn: dict[int, list[float]] = {}
-        for rewards in batch.turn_rewards:
+        for rewards in batch.scores.turn_rewards:
             for t, g in enumerate(rewards[:-1]):
                 by_turn.setdefault(t, []).append(g)
         for t, gs in by_turn.items():
@@ -226,11 +226,12 @@ def episode_record(
 
 def batch_record(batch: RolloutBatch, i: int, tokenizer, step: int) -> dict:
     """`episode_record` of episode i of a trained batch, with its probes, rewards and advantages."""
-    def row(values: list[list[float]] | None) -> list[float] | None:
-        return values[i] if values is not None else None
+    def row(values) -> list[float] | None:
+        return list(values[i]) if values is not None else None
 
-    return episode_record(batch.episodes[i], tokenizer, step, row(batch.turn_rewards), row(batch.turn_advantages),
-                          row(batch.probe_logprobs))
+    s = batch.scores
+    return episode_record(batch.episodes[i], tokenizer, step, row(s.turn_rewards), row(s.turn_advantages),
+                          row(s.probe_logprobs))
 
 
 def _markdown(r: dict) -> str:

@@ -1,39 +1,44 @@
 """The LightningModule: a causal LM with LoRA adapters (peft), trained with the IGPO loss.
 
+A training step, in order (one "step" = one rollout batch and its updates, everywhere: max_steps, logs,
+checkpoints, validation cadence, the question schedule):
+  1. rollout   — `RolloutDataModule` yields B questions × G episodes (token ids as sampled).
+  2. score     — `IGPOAdvantageCallback` attaches immutable `Scores` with the pre-update weights
+                 (probe → gains → turn rewards → group z-norm → γ-discount → token advantages; old and
+                 reference log-probs only when needed).
+  3. update    — `training_step`: PPO-clip (+dual clip) + k3 KL + entropy over `ppo_epochs` × mini-batches,
+                 micro-batched, bf16 autocast by default; non-finite values skip the update.
+  4. sync      — `WeightSyncCallback` pushes the new weights into the generator.
 The reference policy is the same model with the adapter disabled (one copy of the base weights).
-Advantages, old and reference log-probs are written into the batch by `IGPOAdvantageCallback` before
-`training_step`; the step itself is PPO over mini-batches (manual optimisation, `ppo_epochs` passes).
-Checkpoints hold only the trainable (adapter) weights, the optimizer, the step and the RNG states.
+Checkpoints hold the trainable (adapter) weights, the optimizer, the step, the RNG states and the
+hyperparameters (so an adapter loads without guessing its LoRA settings).
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Literal
 
 import lightning as L
 import numpy as np
 import torch
 
 from igpo.algorithm.config import AlgorithmConfig
-from igpo.algorithm.loss import policy_loss, token_logprobs_and_entropy
+from igpo.algorithm.guards import NonFiniteGuard, total_grad_norm
+from igpo.algorithm.logprobs import token_logprobs_at
+from igpo.algorithm.loss import policy_loss
 from igpo.algorithm.rewards import episode_metrics
+from igpo.models.causal_lm import DEFAULT_TARGETS, LoraSettings, load_causal_lm
 from igpo.types import RolloutBatch
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+__all__ = ["DEFAULT_TARGETS", "IGPOPolicy", "LoraSettings", "OptimSettings", "PrecisionSettings"]
 
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """peft LoRA settings; `enabled=False` trains all weights (then the reference is a frozen copy)."""
-
-    enabled: bool = True
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS)
+Precision = Literal["bf16", "fp32"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,21 @@ class OptimSettings:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class PrecisionSettings:
+    """Autocast precision of each pass; master weights stay in the model's dtype. `fp32` everywhere
+    reproduces the exact numbers (tests); `bf16` is much faster on CPUs with AVX-512 bf16 and on GPUs."""
+
+    probe: Precision = "bf16"  # the scoring passes: probe (+ old log-probs when off-policy)
+    reference: Precision = "bf16"  # not separately switchable from `probe` today: both are no-grad scoring
+    update: Precision = "bf16"
+
+    def __post_init__(self) -> None:
+        for name in ("probe", "reference", "update"):
+            if getattr(self, name) not in ("bf16", "fp32"):
+                raise ValueError(f"model.precision.{name} must be 'bf16' or 'fp32', got {getattr(self, name)!r}")
 
 
 class IGPOPolicy(L.LightningModule):
@@ -58,6 +78,10 @@ class IGPOPolicy(L.LightningModule):
         gradient_checkpointing: bool = False,
         shuffle_minibatches: bool = False,
         keep_reference: bool = True,
+        precision: PrecisionSettings | None = None,
+        log_entropy: bool = True,
+        head_chunk_size: int = 4096,
+        max_consecutive_skips: int = 3,
     ) -> None:
         super().__init__()
         self.model_name = model
@@ -67,50 +91,58 @@ class IGPOPolicy(L.LightningModule):
         self.ppo_epochs, self.mini_batch_size, self.micro_batch_size = ppo_epochs, mini_batch_size, micro_batch_size
         self.torch_dtype, self.gradient_checkpointing = torch_dtype, gradient_checkpointing
         self.shuffle_minibatches, self.keep_reference = shuffle_minibatches, keep_reference
+        self.precision_settings = precision or PrecisionSettings()
+        self.log_entropy, self.head_chunk_size = log_entropy, head_chunk_size
+        self.guard = NonFiniteGuard(max_consecutive_skips)
+        self.optimizer_steps = 0
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the adapter only
+        self.save_hyperparameters({
+            "model": model, "algorithm": asdict(self.algorithm), "lora": asdict(self.lora),
+            "optim": asdict(self.optim), "ppo_epochs": ppo_epochs, "mini_batch_size": mini_batch_size,
+            "micro_batch_size": micro_batch_size, "torch_dtype": torch_dtype,
+            "precision": asdict(self.precision_settings), "max_consecutive_skips": max_consecutive_skips,
+        })
         self.model: torch.nn.Module | None = None
         self.ref_model: torch.nn.Module | None = None
         self._val: dict[str, list[dict[str, float]]] = defaultdict(list)
+        if ppo_epochs < 1:
+            raise ValueError(f"model.ppo_epochs must be >= 1, got {ppo_epochs}")
 
     # ---- model ----------------------------------------------------------------------------------
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        from transformers import AutoModelForCausalLM
-
-        base = AutoModelForCausalLM.from_pretrained(self.model_name, dtype=getattr(torch, self.torch_dtype))
-        if self.gradient_checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            base.config.use_cache = False
-        if self.lora.enabled:
-            from peft import LoraConfig, get_peft_model
-
-            cfg = LoraConfig(
-                r=self.lora.r, lora_alpha=self.lora.alpha, lora_dropout=self.lora.dropout,
-                target_modules=list(self.lora.target_modules), task_type="CAUSAL_LM",
-            )
-            self.model = get_peft_model(base, cfg)
-        else:
+        self.model = load_causal_lm(self.model_name, dtype=self.torch_dtype, lora=self.lora,
+                                    gradient_checkpointing=self.gradient_checkpointing)
+        if not self.lora.enabled and self.keep_reference:  # full fine-tune: the reference is a frozen copy
             import copy
 
-            self.model = base
-            if self.keep_reference:  # full fine-tune: the reference is a frozen copy of the start
-                self.ref_model = copy.deepcopy(base).eval().requires_grad_(False)
-        self.model.train()
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
 
-    def reference(self):
-        """Context manager under which `self.model` computes the reference policy."""
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[torch.nn.Module]:
+        """Context manager yielding the module that computes the reference policy: the model with its
+        adapter disabled (LoRA), or the frozen copy of the start (full fine-tune)."""
         if self.ref_model is not None:
-            return _Swap(self)
-        return self.model.disable_adapter()
+            yield self.ref_model
+            return
+        with self.model.disable_adapter():
+            yield self.model
+
+    def is_on_policy(self, n_episodes: int) -> bool:
+        """One PPO epoch over one mini-batch: π_old is the update's own (detached) policy."""
+        return self.ppo_epochs == 1 and (self.mini_batch_size is None or self.mini_batch_size >= n_episodes)
 
     def forward_logprobs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_entropy: bool = True
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_entropy: bool = True,
+        select: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        logprobs, entropy = token_logprobs_and_entropy(logits, input_ids)
-        return logprobs, (entropy if with_entropy else None)
+        """[B, L] log p(token | prefix) (and entropies) at `select` (default: every real token), in the
+        model's dtype (no autocast): the trainer-side view used by sync checks and tests."""
+        select = attention_mask.bool() if select is None else select
+        return token_logprobs_at(self.model, input_ids, attention_mask, select, with_entropy=with_entropy,
+                                 chunk_size=self.head_chunk_size)
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -122,58 +154,97 @@ class IGPOPolicy(L.LightningModule):
 
     # ---- training -------------------------------------------------------------------------------
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> torch.Tensor:
-        if batch.advantages is None or batch.old_logprobs is None or batch.ref_logprobs is None:
+        """Step 3 of 4 (see the module docstring): PPO over the scored batch; counts as ONE step."""
+        if batch.scores is None:
             raise RuntimeError(
-                "IGPOPolicy.training_step got a batch without advantages/old/ref log-probs: add "
-                "igpo.algorithm.callback.IGPOAdvantageCallback to the trainer's callbacks (conf/callbacks/)."
-            )
+                "IGPOPolicy.training_step got a batch without scores: add "
+                "igpo.algorithm.callback.IGPOAdvantageCallback to the trainer's callbacks (conf/callbacks/); it "
+                "attaches advantages and log-probs before the update.")
         t0 = time.perf_counter()
         opt = self.optimizers()
+        step = self.global_step
+        ids = [f"{e.question.id}#{e.group}" for e in batch.episodes]
+        s = batch.scores
+        inputs = {"advantages": s.advantages, "old_logprobs": s.old_logprobs, "ref_logprobs": s.ref_logprobs}
         n = len(batch)
-        mb = self.mini_batch_size or n
+        mb = n if self.mini_batch_size is None else min(self.mini_batch_size, n)
         sums: dict[str, float] = defaultdict(float)
-        updates = 0
-        for _ in range(self.ppo_epochs):
-            order = torch.randperm(n) if self.shuffle_minibatches else torch.arange(n)
-            for start in range(0, n, mb):
-                idx = order[start: start + mb]
-                opt.zero_grad()
-                metrics = self._accumulate(batch, idx)
-                self.clip_gradients(opt, gradient_clip_val=self.optim.grad_clip, gradient_clip_algorithm="norm")
-                opt.step()
-                updates += 1
-                for k, v in metrics.items():
-                    sums[k] += v
-        logs = {f"train/{k}": v / updates for k, v in sums.items()}
-        logs["time/update_s"] = time.perf_counter() - t0
-        logs.update(batch.stats)
+        updates = skipped = 0
+        if not self.guard.check(step, inputs, batch.loss_mask, ids).skip:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            for _ in range(self.ppo_epochs):
+                order = torch.randperm(n) if self.shuffle_minibatches else torch.arange(n)
+                for start in range(0, n, mb):
+                    idx = order[start: start + mb]
+                    opt.zero_grad()
+                    metrics = self._accumulate(batch, idx, step, ids)
+                    verdict = self.guard.check(step, {"loss": metrics.get("loss", float("nan")),
+                                                      "grad_norm": total_grad_norm(params)})
+                    if metrics.get("skip") or verdict.skip:
+                        opt.zero_grad(set_to_none=True)
+                        skipped += 1
+                        continue
+                    self.clip_gradients(opt, gradient_clip_val=self.optim.grad_clip, gradient_clip_algorithm="norm")
+                    # the strategy steps the torch optimizer; Lightning's step counter moves once per rollout
+                    self.trainer.strategy.optimizer_step(opt.optimizer, closure=_no_closure, model=self)
+                    updates += 1
+                    for k, v in metrics.items():
+                        sums[k] += v
+        _count_step(opt)
+        self.optimizer_steps += updates
+        logs = {f"train/{k}": v / max(updates, 1) for k, v in sums.items() if k != "ratio_dev_first"}
+        if "ratio_dev_first" in sums:
+            logs["train/ratio_dev_first_mb"] = sums["ratio_dev_first"]
+        logs |= {"time/update_s": time.perf_counter() - t0, "train/optimizer_steps": float(self.optimizer_steps),
+                 "train/skipped_steps": float(self.guard.skipped_steps), "train/skipped_updates": float(skipped)}
+        logs |= dict(batch.stats) | dict(s.stats)
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=n)
-        return torch.tensor(logs["train/loss"])
+        return torch.tensor(logs.get("train/loss", float("nan")))
 
-    def _accumulate(self, batch: RolloutBatch, idx: torch.Tensor) -> dict[str, float]:
+    def _accumulate(self, batch: RolloutBatch, idx: torch.Tensor, step: int, ids: list[str]) -> dict[str, float]:
         """Backward over micro-batches of `idx`, weighting each by its share of the aggregation units
         (tokens for token-mean, sequences otherwise) so the result equals one big-batch step."""
-        units = _agg_units(batch.loss_mask[idx], self.algorithm.loss_agg)
+        a = self.algorithm
+        units = _agg_units(batch.loss_mask[idx], a.loss_agg)
         total = max(float(units.sum()), 1.0)
+        need_entropy = a.entropy_coef != 0 or self.log_entropy
+        first = self.optimizer_steps == 0 and int(idx[0]) == 0  # the first mini-batch of the run
         out: dict[str, float] = defaultdict(float)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                  enabled=self.precision_settings.update == "bf16")
         for start in range(0, len(idx), self.micro_batch_size):
-            sub = batch.select(idx[start: start + self.micro_batch_size])
-            weight = float(_agg_units(sub.loss_mask, self.algorithm.loss_agg).sum()) / total
+            sub_idx = idx[start: start + self.micro_batch_size]
+            sub = batch.select(sub_idx)
+            weight = float(_agg_units(sub.loss_mask, a.loss_agg).sum()) / total
             if weight == 0:
                 continue
             width = int(sub.attention_mask.sum(1).max())
-            ids, att = sub.input_ids[:, :width], sub.attention_mask[:, :width]
-            logprobs, entropy = self.forward_logprobs(ids, att)
-            a = self.algorithm
+            tok, att, mask = sub.input_ids[:, :width], sub.attention_mask[:, :width], sub.loss_mask[:, :width]
+            with autocast:
+                logprobs, entropy = token_logprobs_at(self.model, tok, att, mask.bool(), with_entropy=need_entropy,
+                                                      chunk_size=self.head_chunk_size)
+            sub_ids = [ids[int(i)] for i in sub_idx]
+            if self.guard.check(step, {"logprobs": logprobs}, mask, sub_ids).skip:
+                return {"skip": 1.0}
+            sc = sub.scores
+            old = logprobs.detach() if sc.old_logprobs is None else sc.old_logprobs[:, :width]
+            ref = None if sc.ref_logprobs is None else sc.ref_logprobs[:, :width]
+            if a.kl_coef != 0 and ref is None:
+                raise RuntimeError("IGPOPolicy: kl_coef > 0 but the batch's scores have no reference log-probs")
             loss, m = policy_loss(
-                logprobs, sub.old_logprobs[:, :width], sub.ref_logprobs[:, :width], sub.advantages[:, :width],
-                sub.loss_mask[:, :width], entropy, clip_low=a.clip_low, clip_high=a.clip_high,
-                dual_clip=a.dual_clip, kl_coef=a.kl_coef, entropy_coef=a.entropy_coef, agg=a.loss_agg,
+                logprobs, old, ref, sc.advantages[:, :width], mask, entropy if a.entropy_coef != 0 else None,
+                clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip, kl_coef=a.kl_coef,
+                entropy_coef=a.entropy_coef, agg=a.loss_agg,
             )
             self.manual_backward(loss * weight)
             out["loss"] += float(loss.detach()) * weight
-            for k in ("kl", "entropy", "clip_frac"):
+            for k in ("kl", "clip_frac"):
                 out[k] += float(m[k]) * weight
+            if need_entropy:
+                out["entropy"] += float(_agg(entropy.detach(), mask, a.loss_agg)) * weight
+            if first:  # mean |ratio - 1| of the run's first mini-batch (precision effect on π_old)
+                dev = (torch.exp(logprobs.detach() - old) - 1).abs()
+                out["ratio_dev_first"] += float((dev * mask).sum()) / max(float(batch.loss_mask[idx].sum()), 1.0)
         return out
 
     # ---- validation -----------------------------------------------------------------------------
@@ -201,6 +272,8 @@ class IGPOPolicy(L.LightningModule):
             "torch": torch.get_rng_state(), "python": random.getstate(),
             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
         }
+        checkpoint["nonfinite_guard"] = self.guard.state_dict()
+        checkpoint["optimizer_steps"] = self.optimizer_steps
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         rng = checkpoint.get("rng_states")
@@ -209,25 +282,32 @@ class IGPOPolicy(L.LightningModule):
             name, keys, pos, has_gauss, cached = rng["numpy"]
             np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
             random.setstate(rng["python"])
+        if "nonfinite_guard" in checkpoint:
+            self.guard.load_state_dict(checkpoint["nonfinite_guard"])
+        self.optimizer_steps = int(checkpoint.get("optimizer_steps", 0))
 
     def save_adapter(self, path: str) -> None:
         """Adapter only (peft format) — or the full model when LoRA is off."""
         self.model.save_pretrained(path)
 
 
+def _no_closure() -> None:
+    return None
+
+
+def _count_step(opt) -> None:
+    """Advance Lightning's step counter (global_step) by one: the hooks a LightningOptimizer.step() runs
+    around the real step. Updates themselves go through `strategy.optimizer_step`, which does not count,
+    so global_step counts rollout batches whatever ppo_epochs and the number of mini-batches are."""
+    opt._on_before_step()
+    opt._on_after_step()
+
+
 def _agg_units(mask: torch.Tensor, agg: str) -> torch.Tensor:
     return mask.sum(1) if agg == "token-mean" else (mask.sum(1) > 0).float()
 
 
-class _Swap:
-    """Reference = frozen copy when training all weights (LoRA off)."""
+def _agg(x: torch.Tensor, mask: torch.Tensor, agg: str) -> torch.Tensor:
+    from igpo.algorithm.loss import aggregate
 
-    def __init__(self, policy: IGPOPolicy) -> None:
-        self.policy = policy
-
-    def __enter__(self):
-        self.saved = self.policy.model
-        self.policy.model = self.policy.ref_model
-
-    def __exit__(self, *exc):
-        self.policy.model = self.saved
+    return aggregate(x, mask, agg)

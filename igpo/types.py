@@ -8,9 +8,12 @@ boundaries from reward values or from chat-template marker strings (the official
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from igpo.algorithm.scoring import Scores
 
 TurnKind = Literal["search", "answer", "malformed"]
 Finish = Literal["answer", "malformed", "max_turns"]
@@ -132,14 +135,10 @@ class RolloutBatch:
     loss_mask:      FloatTensor[E, L] 1 on policy-sampled tokens, 0 on prompt, observations, padding.
     turn_ids:       LongTensor[E, L]  turn index of each token; -1 on prompt and padding.
     group_ids:      LongTensor[E]     question group of each episode (G episodes share one id).
-    Filled by the advantage callback before the update (None until then):
-    old_logprobs:   FloatTensor[E, L] log-probs of input_ids[:, 1:] shifted to position of the token
-                    (position j holds log p(input_ids[j] | input_ids[:j]); position 0 is 0).
-    ref_logprobs:   FloatTensor[E, L] the same under the reference policy (adapter disabled).
-    advantages:     FloatTensor[E, L] token advantages (0 where loss_mask is 0).
-    turn_rewards:   list per episode of per-turn rewards (gains..., outcome), for logging.
-    probe_logprobs: list per episode of the T probe mean log-probs, for logging.
-    turn_advantages: list per episode of per-turn advantages (after normalisation and discounting).
+    stats:          rollout-side scalars for logging (times, failures, tokens generated).
+    scores:         `igpo.algorithm.scoring.Scores` (advantages, old/reference log-probs, probe values,
+                    turn rewards), attached once by the advantage callback before `training_step`; None
+                    until then. `training_step` refuses a batch without it.
     """
 
     input_ids: torch.Tensor
@@ -148,13 +147,8 @@ class RolloutBatch:
     turn_ids: torch.Tensor
     group_ids: torch.Tensor
     episodes: list[Episode]
-    old_logprobs: torch.Tensor | None = None
-    ref_logprobs: torch.Tensor | None = None
-    advantages: torch.Tensor | None = None
-    turn_rewards: list[list[float]] | None = None
-    probe_logprobs: list[list[float]] | None = None
-    turn_advantages: list[list[float]] | None = None
     stats: dict[str, float] = field(default_factory=dict)
+    scores: Scores | None = None
 
     @classmethod
     def from_episodes(cls, episodes: list[Episode], pad_token_id: int) -> RolloutBatch:
@@ -180,11 +174,10 @@ class RolloutBatch:
         return self.input_ids.shape[0]
 
     def to(self, device: torch.device | str) -> RolloutBatch:
-        for name in ("input_ids", "attention_mask", "loss_mask", "turn_ids", "group_ids",
-                     "old_logprobs", "ref_logprobs", "advantages"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, value.to(device))
+        for name in ("input_ids", "attention_mask", "loss_mask", "turn_ids", "group_ids"):
+            setattr(self, name, getattr(self, name).to(device))
+        if self.scores is not None:
+            self.scores = self.scores.to(device)
         return self
 
     def select(self, index: torch.Tensor | list[int]) -> RolloutBatch:
@@ -192,15 +185,11 @@ class RolloutBatch:
         idx = torch.as_tensor(index, dtype=torch.long)
         pick = [int(i) for i in idx]
 
-        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t[idx.to(t.device)]
+        def cut(t: torch.Tensor) -> torch.Tensor:
+            return t[idx.to(t.device)]
 
         return RolloutBatch(
             cut(self.input_ids), cut(self.attention_mask), cut(self.loss_mask), cut(self.turn_ids),
-            cut(self.group_ids), [self.episodes[i] for i in pick], cut(self.old_logprobs),
-            cut(self.ref_logprobs), cut(self.advantages),
-            None if self.turn_rewards is None else [self.turn_rewards[i] for i in pick],
-            None if self.probe_logprobs is None else [self.probe_logprobs[i] for i in pick],
-            None if self.turn_advantages is None else [self.turn_advantages[i] for i in pick],
-            dict(self.stats),
+            cut(self.group_ids), [self.episodes[i] for i in pick], dict(self.stats),
+            None if self.scores is None else self.scores.select(idx),
         )

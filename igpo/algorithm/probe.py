@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import nn
 
+from igpo.algorithm.logprobs import decoder_hidden, head_logprobs
 from igpo.prompts import ChatPieces, Protocol, probe_token_parts
 from igpo.types import Episode
 
@@ -136,20 +137,30 @@ def packed_probe(
     return_token_logprobs: bool = True,
     return_entropies: bool = False,
     batch_size: int | None = None,
+    token_mask: torch.Tensor | None = None,
 ) -> ProbeResult:
     """All probes of a trajectory in one forward with a block attention mask (see module docstring).
 
-    `batch_size` caps the episodes per forward (None: all at once); rows are grouped by packed length.
+    The decoder runs once over the packed rows; the output head and log-softmax run only where a value
+    is needed: the gold tokens of every probe, and (when requested) the trajectory positions in
+    `token_mask` (default: every real token). `batch_size` caps the episodes per forward (None: all at
+    once); rows are grouped by packed length.
     """
     lengths = _validate(input_ids, attention_mask, boundaries, parts)
     attn = _attn_implementation(model)
     n_rows, width = input_ids.shape
     device = _device(model)
+    head = model.get_output_embeddings()
     packed = [_pack(input_ids[i, : lengths[i]].tolist(), boundaries[i], parts[i]) for i in range(n_rows)]
     probes: list[list[float]] = [[] for _ in range(n_rows)]
     token_lp = torch.zeros((n_rows, width), device=device) if return_token_logprobs else None
     entropy = torch.zeros((n_rows, width), device=device) if return_entropies else None
-    valid = attention_mask.to(device=device, dtype=torch.bool)
+    wanted = attention_mask.to(device=device, dtype=torch.bool)
+    if token_mask is not None:
+        if token_mask.shape != input_ids.shape:
+            raise ValueError(f"packed_probe: token_mask {tuple(token_mask.shape)} must match input_ids "
+                             f"{tuple(input_ids.shape)}")
+        wanted = wanted & token_mask.to(device=device, dtype=torch.bool)
     order = sorted(range(n_rows), key=lambda i: len(packed[i].ids))
     step = batch_size or max(n_rows, 1)
     with _inference(model):
@@ -157,29 +168,25 @@ def packed_probe(
             rows = order[start: start + step]
             ids, pos, mask = _batch([packed[i] for i in rows], attn, _dtype(model))
             ids = ids.to(device)
-            logits = model(input_ids=ids, attention_mask=mask.to(device), position_ids=pos.to(device),
-                           use_cache=False).logits.float()
-            lse = torch.logsumexp(logits, dim=-1)  # [B, P]
-            # probes: one gather over every gold token of every probe in this batch
+            hidden = decoder_hidden(model, ids, mask.to(device), pos.to(device))  # [B, P, H]
+            # probes: one head pass over the hidden rows that predict every gold token of every probe
             which = torch.cat([torch.full_like(packed[i].pred, r) for r, i in enumerate(rows)]).to(device)
             pred = torch.cat([packed[i].pred for i in rows]).to(device)
             gold = torch.cat([packed[i].gold for i in rows]).to(device)
-            gold_lp = (logits[which, pred, gold] - lse[which, pred]).cpu()
+            gold_lp = head_logprobs(hidden[which, pred], gold, head)[0].cpu()
             for i, chunk in zip(rows, torch.split(gold_lp, [len(packed[i].gold) for i in rows]), strict=True):
                 probes[i] = [v.mean().item() for v in torch.split(chunk, packed[i].gold_counts)]
             # S occupies packed positions 0..n-1 of its row, so S's token log-probs are a plain shift
             w = max(lengths[i] for i in rows)
-            if w < 2:
+            if w < 2 or (token_lp is None and entropy is None):
                 continue
             index = torch.tensor(rows, device=device)
-            keep = valid[index, 1:w]
+            r, c = wanted[index, 1:w].nonzero(as_tuple=True)  # c + 1 is the position of the scored token
+            lp, ent = head_logprobs(hidden[r, c], ids[r, c + 1], head, with_entropy=entropy is not None)
             if token_lp is not None:
-                lp = logits[:, : w - 1].gather(-1, ids[:, 1:w, None])[..., 0] - lse[:, : w - 1]
-                token_lp[index, 1:w] = torch.where(keep, lp, 0.0)
+                token_lp[index[r], c + 1] = lp
             if entropy is not None:
-                probs = torch.softmax(logits[:, : w - 1], dim=-1)
-                h = lse[:, : w - 1] - (probs * logits[:, : w - 1]).sum(-1)
-                entropy[index, 1:w] = torch.where(keep, h, 0.0)
+                entropy[index[r], c + 1] = ent
     out = input_ids.device
     return ProbeResult(probes, None if token_lp is None else token_lp.to(out),
                        None if entropy is None else entropy.to(out))

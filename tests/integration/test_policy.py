@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from igpo.algorithm.config import AlgorithmConfig
-from igpo.policy import IGPOPolicy, LoraSettings
+from igpo.algorithm.scoring import Scores
+from igpo.policy import IGPOPolicy, LoraSettings, PrecisionSettings
 from igpo.types import Episode, Question, RolloutBatch, Turn
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -25,9 +26,10 @@ def _batch(n: int = 4) -> RolloutBatch:
         eps.append(Episode(Question(f"q{i}", "t", ["a"]), i // 2, prompt, turns, "answer"))
     batch = RolloutBatch.from_episodes(eps, pad_token_id=0)
     shape = batch.input_ids.shape
-    batch.old_logprobs = -torch.rand(shape, generator=gen) * batch.loss_mask
-    batch.ref_logprobs = -torch.rand(shape, generator=gen) * batch.loss_mask
-    batch.advantages = torch.randn(shape, generator=gen) * batch.loss_mask
+    old = -torch.rand(shape, generator=gen) * batch.loss_mask
+    ref = -torch.rand(shape, generator=gen) * batch.loss_mask
+    adv = torch.randn(shape, generator=gen) * batch.loss_mask
+    batch.scores = Scores(adv, old, ref, None, ((0.0, 1.0),) * n, ((0.0, 1.0),) * n)
     return batch
 
 
@@ -36,14 +38,15 @@ def test_micro_batching_gives_the_same_gradient(tiny_model_dir, agg):
     grads = []
     for micro in (4, 1):
         policy = IGPOPolicy(str(tiny_model_dir), algorithm=AlgorithmConfig(loss_agg=agg),
-                            lora=LoraSettings(r=4, alpha=8), micro_batch_size=micro)
+                            lora=LoraSettings(r=4, alpha=8), micro_batch_size=micro,
+                            precision=PrecisionSettings("fp32", "fp32", "fp32"))
         torch.manual_seed(1)  # the same LoRA init for both policies, and a non-zero B so A gets gradient
         policy.configure_model()
         for name, p in policy.model.named_parameters():
             if "lora_B" in name:
                 p.data.normal_(0, 0.05)
         policy.manual_backward = lambda loss: loss.backward()  # no trainer attached in this unit
-        metrics = policy._accumulate(_batch(), torch.arange(4))
+        metrics = policy._accumulate(_batch(), torch.arange(4), 0, [str(i) for i in range(4)])
         grads.append({n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None})
         assert torch.isfinite(torch.tensor(metrics["loss"]))
     assert grads[0].keys() == grads[1].keys() and grads[0]

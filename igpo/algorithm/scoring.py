@@ -1,0 +1,217 @@
+"""Scoring a rollout batch before the update: one pure function of (batch, model) → immutable `Scores`.
+
+This is step 2 of a training step (1 rollout → 2 score → 3 PPO update → 4 weight sync; see
+`igpo.policy.IGPOPolicy.training_step`). With the pre-update weights and no gradient it runs only the
+passes the configuration needs:
+- the packed ground-truth probe (IGPO, IG-only), which also yields the old log-probs when the update is
+  off-policy (several PPO epochs or mini-batches);
+- a plain forward for the old log-probs when the update is off-policy and there is no probe (GRPO);
+- the reference pass (adapter disabled) only when the KL coefficient is > 0.
+When the update is on-policy (one epoch, one mini-batch) the old log-probs are the update's own,
+detached (the PPO ratio is exactly 1 at the first and only step), so no pass computes them. Then:
+information gains → turn rewards (gains…, outcome) → group z-normalisation → γ-discount → token
+advantages. Passes run under bf16 autocast unless `bf16=False` (fp32 for exactness tests); the
+log-softmax itself is always fp32 and only at the positions that need it (`igpo.algorithm.logprobs`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import torch
+from torch import nn
+
+from igpo.algorithm.advantages import (
+    broadcast_to_tokens,
+    information_gain,
+    pack_turn_rewards,
+    turn_advantages_tensor,
+    zero_std_group_fraction,
+)
+from igpo.algorithm.config import AlgorithmConfig
+from igpo.algorithm.logprobs import token_logprobs_at
+from igpo.algorithm.probe import ProbeParts, packed_probe
+from igpo.algorithm.rewards import outcome_reward
+from igpo.types import Episode, RolloutBatch
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What the update needs beyond the rollout batch, computed once per step (never mutated).
+
+    advantages:      FloatTensor[E, L] token advantages (0 where loss_mask is 0).
+    old_logprobs:    FloatTensor[E, L] log π_old of each policy token, or None when the update is
+                     on-policy (it then uses its own log-probs, detached).
+    ref_logprobs:    FloatTensor[E, L] log π_ref of each policy token, or None when kl_coef == 0.
+    probe_logprobs:  per episode, the T probe values ℓ_0..ℓ_{T-1}; None when no probe ran (GRPO).
+    turn_rewards:    per episode, (gains…, outcome); gains are 0 when no probe ran.
+    turn_advantages: per episode, per-turn advantages after normalisation and discounting.
+    stats:           scalars for logging (rewards, collapse, episode shape, pass times).
+    Log-prob tensors hold 0 at position 0, on prompt/observation tokens and on padding.
+    """
+
+    advantages: torch.Tensor
+    old_logprobs: torch.Tensor | None
+    ref_logprobs: torch.Tensor | None
+    probe_logprobs: tuple[tuple[float, ...], ...] | None
+    turn_rewards: tuple[tuple[float, ...], ...]
+    turn_advantages: tuple[tuple[float, ...], ...]
+    stats: Mapping[str, float] = field(default_factory=dict)
+
+    def select(self, idx: torch.Tensor) -> Scores:
+        """Rows `idx` (PPO mini-/micro-batches)."""
+        pick = [int(i) for i in idx]
+
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[idx.to(t.device)]
+
+        def rows(x):
+            return None if x is None else tuple(x[i] for i in pick)
+
+        return Scores(cut(self.advantages), cut(self.old_logprobs), cut(self.ref_logprobs), rows(self.probe_logprobs),
+                      rows(self.turn_rewards), rows(self.turn_advantages), self.stats)
+
+    def to(self, device: torch.device | str) -> Scores:
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return Scores(move(self.advantages), move(self.old_logprobs), move(self.ref_logprobs), self.probe_logprobs,
+                      self.turn_rewards, self.turn_advantages, self.stats)
+
+
+@dataclass(frozen=True)
+class ScoringPlan:
+    """Which passes a configuration needs (the callback derives it from the policy's settings)."""
+
+    probe: bool  # IG weight > 0: probe every turn
+    old_logprobs: bool  # off-policy update: π_old must be stored
+    reference: bool  # kl_coef > 0
+    bf16: bool = True  # autocast for the no-grad passes
+    chunk_size: int = 16  # episodes per forward
+
+    @classmethod
+    def for_config(cls, algo: AlgorithmConfig, *, on_policy: bool, bf16: bool = True, chunk_size: int = 16,
+                   probe_always: bool = False) -> ScoringPlan:
+        return cls(probe=algo.ig_weight > 0 or probe_always, old_logprobs=not on_policy,
+                   reference=algo.kl_coef > 0, bf16=bf16, chunk_size=chunk_size)
+
+
+def score_batch(
+    batch: RolloutBatch,
+    model: nn.Module,
+    algo: AlgorithmConfig,
+    plan: ScoringPlan,
+    *,
+    probe_parts: Sequence[ProbeParts] | None = None,
+    reference: Callable[[], AbstractContextManager] | None = None,
+) -> Scores:
+    """Score `batch` with `model` (pre-update weights, no grad): probe, old and reference log-probs as
+    `plan` asks, then turn rewards and token advantages. `probe_parts` (one (prefix, gold, suffix) per
+    episode) is required when `plan.probe`; `reference()` is a context manager yielding the module that
+    computes the reference policy (e.g. the model with its adapter disabled), required when `plan.reference`."""
+    if plan.probe and probe_parts is None:
+        raise ValueError("score_batch: plan.probe needs probe_parts (igpo.algorithm.probe.probe_inputs_from_episodes)")
+    if plan.reference and reference is None:
+        raise ValueError("score_batch: plan.reference needs a `reference` context manager (the adapter disabled)")
+    if algo.ig_weight > 0 and not plan.probe:
+        raise ValueError("score_batch: the algorithm has ig_weight > 0 but the plan runs no probe")
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=plan.bf16)
+    select = batch.loss_mask.bool()
+    old, ref, probes = [], [], []
+    t0 = time.perf_counter()
+    with torch.no_grad(), _eval_mode(model), autocast:
+        for s in range(0, len(batch), plan.chunk_size):
+            ids = batch.input_ids[s: s + plan.chunk_size].to(device)
+            att = batch.attention_mask[s: s + plan.chunk_size].to(device)
+            sel = select[s: s + plan.chunk_size].to(device)
+            if plan.probe:
+                res = packed_probe(model, ids, att, [list(e.probe_boundaries) for e in batch.episodes[s: s + len(ids)]],
+                                   probe_parts[s: s + len(ids)], return_token_logprobs=plan.old_logprobs,
+                                   token_mask=sel)
+                probes += res.probe_logprobs
+                if plan.old_logprobs:
+                    old.append(res.token_logprobs)
+            elif plan.old_logprobs:
+                old.append(token_logprobs_at(model, ids, att, sel)[0])
+        probe_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        if plan.reference:
+            with reference() as ref_model, _eval_mode(ref_model):
+                for s in range(0, len(batch), plan.chunk_size):
+                    ids = batch.input_ids[s: s + plan.chunk_size].to(device)
+                    att = batch.attention_mask[s: s + plan.chunk_size].to(device)
+                    sel = select[s: s + plan.chunk_size].to(device)
+                    ref.append(token_logprobs_at(ref_model, ids, att, sel)[0])
+        ref_s = time.perf_counter() - t1
+    out = batch.input_ids.device
+    rewards, turn_adv, stats = turn_scores(batch.episodes, probes if plan.probe else None, batch.group_ids, algo)
+    advantages = broadcast_to_tokens(turn_adv.to(batch.turn_ids.device), batch.turn_ids, batch.loss_mask).float()
+    stats |= {"time/probe_s": probe_s, "time/reference_s": ref_s}
+    return Scores(
+        advantages=advantages,
+        old_logprobs=torch.cat(old).float().to(out) if old else None,
+        ref_logprobs=torch.cat(ref).float().to(out) if ref else None,
+        probe_logprobs=tuple(tuple(p) for p in probes) if plan.probe else None,
+        turn_rewards=tuple(tuple(r) for r in rewards),
+        turn_advantages=tuple(tuple(turn_adv[i, : len(r)].tolist()) for i, r in enumerate(rewards)),
+        stats=MappingProxyType(stats),
+    )
+
+
+def turn_scores(
+    episodes: Sequence[Episode], probe_logprobs: Sequence[Sequence[float]] | None, group_ids: torch.Tensor,
+    algo: AlgorithmConfig,
+) -> tuple[list[list[float]], torch.Tensor, dict[str, float]]:
+    """Pure: per-episode turn rewards (gains…, outcome), the [E, T] turn advantages and stats.
+
+    Without probe values the gains are 0 (valid only with ig_weight = 0: they then leave the pool)."""
+    rewards: list[list[float]] = []
+    all_gains: list[float] = []
+    for i, ep in enumerate(episodes):
+        if probe_logprobs is not None:
+            probe = probe_logprobs[i]
+            if len(probe) != len(ep.turns):
+                raise ValueError(f"episode {ep.question.id}: {len(probe)} probe values for {len(ep.turns)} turns")
+            gains = information_gain(list(probe), mode=algo.gain_mode)
+            all_gains += gains
+        else:
+            gains = [0.0] * (len(ep.turns) - 1)
+        outcome = outcome_reward(ep.answer, ep.question.answers, ep.format_ok, penalty=algo.format_penalty)
+        rewards.append([*gains, outcome])
+    groups = group_ids.cpu()
+    r, valid, is_outcome, _ = pack_turn_rewards(rewards, groups.tolist(), dtype=torch.float32)
+    turn_adv = turn_advantages_tensor(
+        r, valid, is_outcome, groups, gamma=algo.gamma, norm=algo.norm, ig_weight=algo.ig_weight,
+        outcome_weight=algo.outcome_weight, eps=algo.adv_eps,
+    )
+    n = max(len(episodes), 1)
+    stats = {
+        "reward/outcome": sum(row[-1] for row in rewards) / n,
+        "adv/zero_std_group_frac": zero_std_group_fraction(turn_adv, groups),
+        "episode/turns": sum(len(e.turns) for e in episodes) / n,
+        "episode/searches": sum(e.num_searches for e in episodes) / n,
+        "episode/format_ok": sum(e.format_ok for e in episodes) / n,
+        "episode/max_turns_hit": sum(e.finish == "max_turns" for e in episodes) / n,
+    }
+    if probe_logprobs is not None:
+        stats["reward/ig_mean"] = sum(all_gains) / len(all_gains) if all_gains else 0.0
+        stats["reward/ig_pos_frac"] = sum(g > 0 for g in all_gains) / len(all_gains) if all_gains else 0.0
+    return rewards, turn_adv, stats
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Eval mode (no dropout) for the scoring passes; restores each module's training flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag

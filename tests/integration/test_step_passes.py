@@ -1,0 +1,165 @@
+"""The training step's numbers and passes.
+
+- Golden run: the first two steps' loss, advantages and probe values on a fixed oracle batch are pinned
+  (captured before scoring became one pure function; fp32 everywhere).
+- The on-policy shortcut (old log-probs = the update's own, detached) gives the same advantages, loss
+  and gradients as a separate old-log-prob pass (1e-6, fp32).
+- Configurations skip the passes they make useless: no reference pass at kl_coef = 0, no probe for GRPO,
+  no entropy at entropy_coef = 0 when it is not logged — with the same loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from igpo.algorithm import logprobs as logprobs_module
+from igpo.algorithm.config import AlgorithmConfig
+from igpo.algorithm.probe import probe_inputs_from_episodes
+from igpo.algorithm.scoring import ScoringPlan, score_batch
+from igpo.policy import IGPOPolicy, LoraSettings, PrecisionSettings
+
+from .golden_env import build_env, run_two_steps
+
+pytestmark = pytest.mark.slow
+FP32 = PrecisionSettings("fp32", "fp32", "fp32")
+GOLDEN = [  # captured at commit 07db293 (callback filling RolloutBatch fields), fp32
+    {"loss": -38.1031608581543, "adv_abs_sum": 1017.8211669921875, "adv_sum": 452.3672180175781,
+     "probe0": [-7.83294, -6.76306, -8.13053], "probe6": [-7.89819, -7.93507, -7.98215, -8.36938]},
+    {"loss": -29.352705001831055, "adv_abs_sum": 898.3712768554688, "adv_sum": 347.83135986328125,
+     "probe0": [-8.15555, -8.11887], "probe6": [-7.30045, -8.00067, -6.98529]},
+]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return build_env(tmp_path_factory.mktemp("golden"))
+
+
+def test_golden_two_steps(env):
+    rec = run_two_steps(*env, precision=FP32)
+    for got, want in zip(rec, GOLDEN, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        assert float(got["advantages"].abs().sum()) == pytest.approx(want["adv_abs_sum"], rel=1e-5)
+        assert float(got["advantages"].sum()) == pytest.approx(want["adv_sum"], rel=1e-5)
+        assert got["probe"][0] == pytest.approx(want["probe0"], abs=1e-4)
+        assert got["probe"][6] == pytest.approx(want["probe6"], abs=1e-4)
+
+
+def _policy(model_dir, **kw) -> IGPOPolicy:
+    torch.manual_seed(1)
+    policy = IGPOPolicy(str(model_dir), lora=LoraSettings(r=8, alpha=16), micro_batch_size=6, precision=FP32, **kw)
+    policy.configure_model()
+    for name, p in policy.model.named_parameters():
+        if "lora_B" in name:  # a non-zero adapter: the reference differs from the policy
+            p.data.normal_(0, 0.05)
+    policy.manual_backward = lambda loss: loss.backward()  # no trainer attached in these units
+    return policy
+
+
+def _score(policy, batch, tok, pieces, protocol, **plan):
+    parts = probe_inputs_from_episodes(batch.episodes, tok, pieces, protocol)[1]
+    p = ScoringPlan(**({"probe": True, "old_logprobs": False, "reference": True, "bf16": False, "chunk_size": 6}
+                       | plan))
+    return score_batch(batch, policy.model, policy.algorithm, p, probe_parts=parts if p.probe else None,
+                       reference=policy.reference)
+
+
+def _loss_and_grads(policy, batch):
+    policy.model.zero_grad()
+    ids = [str(i) for i in range(len(batch))]
+    metrics = policy._accumulate(batch, torch.arange(len(batch)), 0, ids)
+    grads = {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None}
+    return metrics["loss"], grads
+
+
+class _Counter:
+    """Counts decoder forwards (every pass, probe/old/reference/update, runs the decoder once)."""
+
+    def __init__(self, model):
+        self.n = 0
+        self.handle = model.get_decoder().register_forward_hook(self)
+
+    def __call__(self, *_):
+        self.n += 1
+
+
+def test_on_policy_shortcut_equals_a_separate_old_logprob_pass(env):
+    model_dir, tok, pieces, protocol, batches = env
+    policy = _policy(model_dir)
+    batch = batches[0]
+    separate = _score(policy, batch, tok, pieces, protocol, old_logprobs=True)
+    shortcut = _score(policy, batch, tok, pieces, protocol, old_logprobs=False)
+    assert shortcut.old_logprobs is None and separate.old_logprobs is not None
+    assert torch.equal(separate.advantages, shortcut.advantages)
+    batch.scores = separate
+    loss_a, grads_a = _loss_and_grads(policy, batch)
+    batch.scores = shortcut
+    loss_b, grads_b = _loss_and_grads(policy, batch)
+    # the separate pass runs the packed probe (other shapes, other summation order): equal to fp32 rounding
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    for name, g in grads_a.items():
+        assert (grads_b[name] - g).norm() <= 5e-6 * g.norm() + 1e-9, name  # ratio = 1 ± 1e-6 there
+
+
+def test_kl_free_and_grpo_configs_skip_their_passes_with_the_same_loss(env):
+    model_dir, tok, pieces, protocol, batches = env
+    policy = _policy(model_dir, algorithm=AlgorithmConfig(kl_coef=0.0))
+    batch = batches[0]
+    counter = _Counter(policy.model)
+    with_ref = _score(policy, batch, tok, pieces, protocol, reference=True)
+    assert counter.n == 4  # 12 episodes in chunks of 6: 2 packed probe passes + 2 reference passes
+    counter.n = 0
+    no_ref = _score(policy, batch, tok, pieces, protocol, **ScoringPlan.for_config(
+        policy.algorithm, on_policy=True, bf16=False, chunk_size=6).__dict__)
+    assert no_ref.ref_logprobs is None and counter.n == 2  # the probe chunks only
+    batch.scores = with_ref
+    loss_ref, _ = _loss_and_grads(policy, batch)  # kl_coef 0: the reference values must not matter
+    batch.scores = no_ref
+    loss_free, _ = _loss_and_grads(policy, batch)
+    assert loss_free == pytest.approx(loss_ref, abs=1e-6)
+
+    grpo = _policy(model_dir, algorithm=AlgorithmConfig(ig_weight=0.0, kl_coef=0.0))
+    counter = _Counter(grpo.model)
+    plan = ScoringPlan.for_config(grpo.algorithm, on_policy=True, bf16=False, chunk_size=6)
+    assert (plan.probe, plan.old_logprobs, plan.reference) == (False, False, False)
+    scores = score_batch(batch, grpo.model, grpo.algorithm, plan)
+    assert counter.n == 0  # GRPO on-policy without KL: no forward at all before the update
+    assert scores.probe_logprobs is None and scores.advantages.abs().sum() > 0
+
+
+def test_entropy_is_not_computed_when_unused(env, monkeypatch):
+    model_dir, tok, pieces, protocol, batches = env
+    batch = batches[1]
+    calls = []
+    real = logprobs_module.head_logprobs
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("with_entropy", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(logprobs_module, "head_logprobs", spy)
+    losses = {}
+    for log_entropy in (True, False):
+        policy = _policy(model_dir, algorithm=AlgorithmConfig(entropy_coef=0.0), log_entropy=log_entropy)
+        batch.scores = _score(policy, batch, tok, pieces, protocol)
+        calls.clear()
+        losses[log_entropy], _ = _loss_and_grads(policy, batch)
+        assert any(calls) == log_entropy
+    assert losses[True] == pytest.approx(losses[False], abs=1e-6)
+
+
+def test_bf16_scoring_stays_close_to_fp32(env):
+    model_dir, tok, pieces, protocol, batches = env
+    policy = _policy(model_dir)
+    batch = batches[0]
+    fp32 = _score(policy, batch, tok, pieces, protocol, old_logprobs=True)
+    bf16 = _score(policy, batch, tok, pieces, protocol, old_logprobs=True, bf16=True)
+    mask = batch.loss_mask.bool()
+    assert (fp32.old_logprobs - bf16.old_logprobs)[mask].abs().mean() < 0.05
+    flat32 = torch.tensor([v for p in fp32.probe_logprobs for v in p])
+    flat16 = torch.tensor([v for p in bf16.probe_logprobs for v in p])
+    assert (flat32 - flat16).abs().max() < 0.1
+    assert replace(policy.precision_settings, update="bf16").update == "bf16"
