@@ -12,7 +12,6 @@ from `igpo.protocol.ResultRecord`s and refuses to mix metrics, question files or
 
 from __future__ import annotations
 
-import ast
 import json
 import math
 import os
@@ -26,7 +25,15 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from igpo.protocol import STRICT_FIELDS, MeasurementProtocol, ResultRecord, protocol_from_config, read_run_metadata
+from igpo.protocol import (
+    RESOLVED_CONFIG,
+    STRICT_FIELDS,
+    MeasurementProtocol,
+    ResultRecord,
+    protocol_from_config,
+    read_run_metadata,
+)
+from igpo.protocol import checkpoint_hparams as checkpoint_hparams  # re-exported for notebooks
 from igpo.stats import align, bootstrap_mean, per_question
 
 CONFIG = Path(".hydra") / "config.yaml"
@@ -36,7 +43,6 @@ EPISODE_COLUMNS = ["episode", "step", "question_id", "question", "answers", "dat
 TURN_COLUMNS = ["episode", "step", "question_id", "group", "data_source", "finish", "answers", "index",
                 "kind", "content", "docs", "probe_logprob", "reward", "advantage", "gain", "is_last"]
 _HYDRA_REF = re.compile(r"\$\{hydra:([\w.]+)\}")
-_ASSETS_LOG = re.compile(r"\] - assets: (\{.*\})\s*$")
 PathLike = str | os.PathLike[str]
 
 
@@ -149,22 +155,14 @@ def runs_table(runs: Iterable[Run], keys: Iterable[str] = ("algorithm.name", "se
 
 def run_assets(run: Run | PathLike) -> dict[str, str | None]:
     """The asset paths a run used (model, tokenizer, corpus, question files), from its
-    `resolved_config.yaml`. Runs written before igpo saved that file hold `???` in `.hydra/config.yaml`
-    where `prepare` filled the paths at run time; for them the `assets: {...}` line `igpo.run` logged
-    fills the gaps. {} when none of these has them."""
+    `resolved_config.yaml` (written once `prepare` has filled them in). A run without that file (written
+    before igpo saved it) has only what `.hydra/config.yaml` states: paths `prepare` built are `???`
+    there and left out. {} when neither has any."""
     run = _as_run(run)
-    if run.resolved is not None and run.resolved.get("assets") is not None:
-        assets = OmegaConf.to_container(run.resolved.assets, resolve=False)
-        return {k: v for k, v in assets.items() if isinstance(v, str | type(None)) and v != "???"}
-    assets = OmegaConf.to_container(run.config.get("assets") or OmegaConf.create({}), resolve=False)
-    out = {k: v for k, v in assets.items()
-           if isinstance(v, str | type(None)) and v != "???" and "${" not in str(v)}
-    for log in sorted(run.path.glob("*.log")):  # legacy runs only
-        for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
-            m = _ASSETS_LOG.search(line)
-            if m:
-                out.update(ast.literal_eval(m.group(1)))
-    return out
+    source = run.resolved if run.resolved is not None and run.resolved.get("assets") is not None else run.config
+    assets = OmegaConf.to_container(source.get("assets") or OmegaConf.create({}), resolve=False)
+    return {k: v for k, v in assets.items()
+            if isinstance(v, str | type(None)) and v != "???" and "${" not in str(v)}
 
 
 # ---- scalars --------------------------------------------------------------------------------------
@@ -280,23 +278,6 @@ def load_eval(run_or_dir: Run | PathLike) -> pd.DataFrame:
     return pd.DataFrame.from_dict(summary, orient="index").rename_axis("source")
 
 
-# ---- self-describing runs ---------------------------------------------------------------------------
-def checkpoint_hparams(ckpt_path: PathLike) -> dict[str, Any]:
-    """The hyperparameters a Lightning checkpoint carries (`hyper_parameters`, written by
-    `save_hyperparameters`), as plain data; {} when it has none. The file is unpickled (Lightning
-    checkpoints hold optimizer states): read only checkpoints you trust."""
-    import torch
-
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint_hparams: no such file: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    if hp is None:
-        return {}
-    return OmegaConf.to_container(hp, resolve=True) if OmegaConf.is_config(hp) else dict(hp)
-
-
 # ---- results with their protocol ----------------------------------------------------------------------
 def load_records(run_or_dir: Run | PathLike) -> list[ResultRecord]:
     """The result records an eval run wrote into `eval_metrics.json` (one per source row and metric)."""
@@ -346,8 +327,10 @@ def train_protocol(run: Run | PathLike) -> MeasurementProtocol:
     """The protocol of a training run's logged episodes: the training question file, the run's corpus and
     retriever, its sampling settings, the group size as samples per question, its seed."""
     run = _as_run(run)
-    cfg = run.resolved if run.resolved is not None else run.config
-    cfg = OmegaConf.merge(cfg, {"assets": run_assets(run)})  # legacy runs: paths from the log
+    if run.resolved is None:
+        raise NotARunError(f"{run.path}: no {RESOLVED_CONFIG} (the run predates igpo's run metadata), so its "
+                           "corpus and question file are unknown")
+    cfg = run.resolved
     return protocol_from_config(
         cfg, data_path=run_assets(run).get("train_questions"),
         temperature=float(OmegaConf.select(cfg, "data.sampling.temperature", default=1.0)),

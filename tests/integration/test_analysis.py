@@ -280,10 +280,20 @@ def test_eval_run_files(tmp_path):
     episodes = analysis.load_episodes(run)
     assert episodes["metrics.em"].tolist() == [1.0] and episodes.step.isna().all()
     assert math.isnan(episodes.outcome[0]) and episodes.gains[0] == []
-    log = run / "eval.log"
-    log.write_text("[2026-01-01 00:00:00,000][igpo.run][INFO] - assets: {'corpus': '/c.jsonl', 'x': None}\n")
-    assert analysis.run_assets(run) == {"corpus": "/c.jsonl", "x": None}
     assert analysis.latest_run(tmp_path).path == run.resolve()
+
+
+def test_run_assets_come_from_the_resolved_config_not_logs(tmp_path):
+    """A run without resolved_config.yaml has only what .hydra/config.yaml states (`???` paths left out);
+    log lines are not read. With the file, the prepared paths are there."""
+    run = _fake_run(tmp_path / "run", "igpo", 0)
+    (run / "train.log").write_text("[2026-01-01 00:00:00,000][igpo.run][INFO] - assets: {'corpus': '/c.jsonl'}\n")
+    assert analysis.run_assets(run) == {}
+    with pytest.raises(NotARunError, match="no resolved_config.yaml"):
+        analysis.train_protocol(run)
+    (run / "resolved_config.yaml").write_text("assets: {model: /m, corpus: /c.jsonl, val_questions: null}\n")
+    assert analysis.run_assets(run) == {"model": "/m", "corpus": "/c.jsonl", "val_questions": None}
+    assert analysis.load_run(run).get("assets.corpus") == "/c.jsonl"
 
 
 # ---- turn credit, results with their protocol ------------------------------------------------------
@@ -353,7 +363,7 @@ def test_run_records_from_a_training_run(tmp_path, world):
             f"seed: {seed}\nassets: {{train_questions: {files.parquet['train']}, corpus: {files.corpus}}}\n"
             f"retriever: {{_target_: igpo.retriever.bm25.BM25Retriever, corpus_path: {files.corpus}, k1: 1.5}}\n"
             "data: {group_size: 4, sampling: {temperature: 1.0, top_p: 1.0, max_new_tokens: 48},"
-            " rollout: {top_k: 2, max_turns: 4}}\n")
+            " rollout: {search_k: 2, max_turns: 4}}\n")
         runs.append(analysis.load_run(run))
     em, f1 = analysis.run_records(runs[0], n_boot=200)
     assert (em.metric, em.source, em.label, em.episodes, em.questions) == ("em", "train", "0", 4, 3)
@@ -362,7 +372,7 @@ def test_run_records_from_a_training_run(tmp_path, world):
     assert last.mean == pytest.approx((0 + 1 + 0) / 3) and last.episodes == 3 and last.extra["last_steps"] == 1
     p = em.protocol
     assert p.data_path == str(files.parquet["train"]) and p.data_sha256 == sha256_file(files.parquet["train"])
-    assert (p.corpus, p.top_k, p.samples, p.temperature, p.seeds) == (str(files.corpus), 2, 4, 1.0, (0,))
+    assert (p.corpus, p.search_k, p.samples, p.temperature, p.seeds) == (str(files.corpus), 2, 4, 1.0, (0,))
     pooled = analysis.pooled_record(runs, "igpo", "em")
     assert pooled.extra["n_seeds"] == 2 and pooled.protocol.seeds == (0, 1) and pooled.episodes == 8
     assert pooled.mean == pytest.approx(em.mean) and pooled.questions == 3

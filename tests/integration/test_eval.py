@@ -17,9 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
-from igpo.evaluate import evaluate, format_table, load_adapter, summarize
+from igpo.evaluate import format_table, load_adapter, policy_from_checkpoint, run_eval, summarize
 from igpo.io import sha256_file
 from igpo.models.tiny import build_tiny_model
 from igpo.policy import IGPOPolicy, LoraSettings
@@ -126,26 +127,36 @@ def overrides(tmp_path: Path, model_dir: Path, data: dict[str, Path], *extra: st
 
 
 def eval_cfg(tmp_path: Path, model_dir: Path, data: dict[str, Path], *extra: str):
+    """An eval.yaml config for the tiny setting (what `python eval.py` composes)."""
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         return compose("eval", overrides=overrides(tmp_path, model_dir, data, *extra))
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """What train.py's ModelCheckpoint writes (via the policy's own on_save_checkpoint), with LoRA B drawn
-    large so the adapter visibly changes greedy outputs."""
-    policy = IGPOPolicy(str(tiny_model_dir))
+def save_checkpoint(policy: IGPOPolicy, path: Path, global_step: int = 7) -> Path:
+    """What train.py's ModelCheckpoint writes: the policy's own on_save_checkpoint (adapter, RNG, ...) and
+    the hyperparameters as Lightning stores them (`dict(model.hparams)`)."""
+    ckpt = {"state_dict": policy.state_dict(), "global_step": global_step,
+            "hyper_parameters": dict(policy.hparams)}
+    policy.on_save_checkpoint(ckpt)
+    torch.save(ckpt, path)
+    return path
+
+
+def trained_policy(model_dir: Path, seed: int = 0, **kwargs) -> IGPOPolicy:
+    """A policy whose LoRA B is drawn large, so the adapter visibly changes greedy outputs."""
+    policy = IGPOPolicy(str(model_dir), **kwargs)
     policy.configure_model()
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in policy.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen))
-    ckpt = {"state_dict": policy.state_dict(), "global_step": 7}
-    policy.on_save_checkpoint(ckpt)
-    path = tmp_path_factory.mktemp("ckpt") / "last.ckpt"
-    torch.save(ckpt, path)
-    return path
+    return policy
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_checkpoint(trained_policy(tiny_model_dir), tmp_path_factory.mktemp("ckpt") / "last.ckpt")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -181,7 +192,7 @@ def scripted(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def test_eval_answering_agent_table_metrics_and_files(tmp_path, scripted, data):
     """Every episode answers "Garmi" in one turn: EM/F1 = 1 exactly on the Ras Ton questions (all of
     hotpotqa, one of the two Bamboogle rows, none of nq), format ok everywhere, no searches."""
-    summary = evaluate(eval_cfg(tmp_path, scripted["answer"], data))
+    summary = run_eval(eval_cfg(tmp_path, scripted["answer"], data))
     assert list(summary) == [*sorted(EXPECTED_COUNTS), "all", "macro"]
     for source, n in EXPECTED_COUNTS.items():
         assert summary[source]["count"] == summary[source]["questions"] == n
@@ -192,7 +203,10 @@ def test_eval_answering_agent_table_metrics_and_files(tmp_path, scripted, data):
         assert (row["format_ok"], row["searches"], row["turns"]) == (1.0, 0.0, 1.0), source
     assert summary["all"]["count"] == summary["macro"]["count"] == 8
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["episodes.jsonl", "eval_metrics.json", "eval_table.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["episodes.jsonl", "eval_metrics.json", "eval_table.md",
+                                                     "resolved_config.yaml", "versions.json"]
+    resolved = OmegaConf.load(out / "resolved_config.yaml")  # the run describes itself
+    assert resolved.assets.model == str(scripted["answer"]) and resolved.data.path == str(data["questions"])
     saved = json.loads((out / "eval_metrics.json").read_text())
     assert saved["summary"] == summary
     meta = saved["meta"]
@@ -207,7 +221,7 @@ def test_eval_answering_agent_table_metrics_and_files(tmp_path, scripted, data):
     assert (hot.lo, hot.hi, hot.questions) == (1.0, 1.0, 3) and (bam.lo, bam.hi, bam.questions) == (0.0, 1.0, 2)
     p = recs[("all", "f1")].protocol
     assert (p.data_path, p.data_sha256) == (str(data["questions"]), sha256_file(data["questions"]))
-    assert (p.corpus, p.retriever, p.top_k, p.temperature, p.samples, p.max_new_tokens, p.max_turns) == (
+    assert (p.corpus, p.retriever, p.search_k, p.temperature, p.samples, p.max_new_tokens, p.max_turns) == (
         str(data["corpus"]), "BM25Retriever", 2, 0.0, 1, 12, 2)
     assert p.index_fingerprint and p.seeds == (0,) and p.model == str(scripted["answer"])
     table = (out / "eval_table.md").read_text()
@@ -226,7 +240,7 @@ def test_eval_answering_agent_table_metrics_and_files(tmp_path, scripted, data):
 def test_eval_searching_agent_uses_the_retriever(tmp_path, scripted, data):
     """Every episode searches "Ras Ton" twice (max_turns=2): bm25 finds Ras Ton's page for the first search;
     the second search, at the last turn, gets no observation and ends the episode unanswered."""
-    summary = evaluate(eval_cfg(tmp_path, scripted["search"], data))
+    summary = run_eval(eval_cfg(tmp_path, scripted["search"], data))
     for source in [*EXPECTED_COUNTS, "all", "macro"]:
         row = summary[source]
         values = (row["em"], row["f1"], row["format_ok"], row["searches"], row["turns"])
@@ -241,8 +255,8 @@ def test_eval_searching_agent_uses_the_retriever(tmp_path, scripted, data):
 
 @pytest.mark.slow
 def test_eval_checkpoint_adapter_reaches_the_hf_generator(tmp_path, tiny_model_dir, data, checkpoint):
-    base = evaluate(eval_cfg(tmp_path / "base", tiny_model_dir, data))
-    tuned = evaluate(eval_cfg(tmp_path / "tuned", tiny_model_dir, data, f"ckpt_path={checkpoint}"))
+    base = run_eval(eval_cfg(tmp_path / "base", tiny_model_dir, data))
+    tuned = run_eval(eval_cfg(tmp_path / "tuned", tiny_model_dir, data, f"ckpt_path={checkpoint}"))
     assert {s: r["count"] for s, r in tuned.items()} == {s: r["count"] for s, r in base.items()}
     meta = json.loads((tmp_path / "tuned" / "out" / "eval_metrics.json").read_text())["meta"]
     assert meta["ckpt_tensors"] == LORA_TENSORS and meta["ckpt_global_step"] == 7
@@ -256,13 +270,13 @@ def test_eval_checkpoint_adapter_reaches_the_hf_generator(tmp_path, tiny_model_d
 def test_eval_refuses_a_checkpoint_with_sync_none(tmp_path, tiny_model_dir, data, checkpoint):
     cfg = eval_cfg(tmp_path, tiny_model_dir, data, f"ckpt_path={checkpoint}", "sync=none")
     with pytest.raises(ValueError, match="sync=none would leave the generator on the base"):
-        evaluate(cfg)
+        run_eval(cfg)
 
 
 def test_eval_without_a_question_file_says_so(tmp_path, data):
     cfg = eval_cfg(tmp_path, tmp_path / "no-model", data, "data.path=null")
     with pytest.raises(ValueError, match="no question file; set data.path"):
-        evaluate(cfg)
+        run_eval(cfg)
 
 
 @pytest.mark.slow
@@ -276,8 +290,14 @@ def test_load_adapter_copies_weights_and_rejects_mismatches(tmp_path, tiny_model
     assert all(torch.equal(params[k], v) for k, v in saved.items())
     other = IGPOPolicy(str(tiny_model_dir), lora=LoraSettings(r=8))
     other.configure_model()
-    with pytest.raises(ValueError, match=r"has shape .*\(model.lora.r\?\)"):
+    with pytest.raises(ValueError, match=r"trained with model.lora r=16; this policy has r=8"):
         load_adapter(other, checkpoint)
+    legacy = dict(torch.load(checkpoint, weights_only=False))
+    del legacy["hyper_parameters"]  # written before checkpoints carried them: the shapes still must match
+    torch.save(legacy, tmp_path / "legacy.ckpt")
+    with pytest.raises(ValueError, match=r"has shape .*\(model.lora.r\?\)"):
+        load_adapter(other, tmp_path / "legacy.ckpt")
+    assert load_adapter(policy, tmp_path / "legacy.ckpt")["tensors"] == LORA_TENSORS
     extra = dict(torch.load(checkpoint, weights_only=False))
     extra["state_dict"] = {**extra["state_dict"], "model.not_a_parameter": torch.zeros(1)}
     torch.save(extra, tmp_path / "extra.ckpt")
@@ -288,6 +308,32 @@ def test_load_adapter_copies_weights_and_rejects_mismatches(tmp_path, tiny_model
         load_adapter(policy, tmp_path / "plain.pt")
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_adapter(policy, tmp_path / "missing.ckpt")
+
+
+@pytest.mark.slow
+def test_an_adapter_loads_with_the_lora_settings_it_was_trained_with(tmp_path, tiny_model_dir, data, caplog):
+    """An adapter trained with r=8, alpha=8 loads into an eval config that says r=16, alpha=32 (model/lora.yaml):
+    the policy is built with the checkpoint's settings (a warning names both), so the weights and the
+    scale alpha/r are the trained ones. Guessing r=16 would fail on shapes; guessing only r would scale by 4."""
+    trained = trained_policy(tiny_model_dir, seed=1, lora=LoraSettings(r=8, alpha=8))
+    ckpt = save_checkpoint(trained, tmp_path / "r8.ckpt", global_step=3)
+    cfg = eval_cfg(tmp_path, tiny_model_dir, data, f"ckpt_path={ckpt}")
+    assert (cfg.model.lora.r, cfg.model.lora.alpha) == (16, 32)
+    with caplog.at_level("WARNING", logger="igpo.evaluate"):
+        policy, info = policy_from_checkpoint(cfg.model, ckpt)
+    assert "model.lora {'r': 8, 'alpha': 8}; the config says {'r': 16, 'alpha': 32}" in caplog.text
+    assert (policy.lora.r, policy.lora.alpha) == (8, 8) and policy.lora == trained.lora
+    assert info["tensors"] == LORA_TENSORS and info["global_step"] == 3 and info["lora_from"] == "checkpoint"
+    assert (info["lora"]["r"], info["lora"]["alpha"]) == (8, 8) and info["base_model"] == str(tiny_model_dir)
+    mine, theirs = dict(policy.named_parameters()), dict(trained.named_parameters())
+    assert all(torch.equal(mine[k], theirs[k]) for k in torch.load(ckpt, weights_only=False)["state_dict"])
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():  # same outputs: same weights and the same LoRA scale
+        assert torch.allclose(policy.model(ids).logits, trained.model(ids).logits, atol=1e-6)
+    # the run records which adapter it evaluated, and with which settings
+    run_eval(cfg)
+    meta = json.loads((tmp_path / "out" / "eval_metrics.json").read_text())["meta"]
+    assert meta["ckpt_lora"]["r"] == 8 and meta["ckpt_lora_from"] == "checkpoint"
 
 
 @pytest.mark.slow
@@ -314,8 +360,8 @@ def test_eval_py_entry_point_samples_and_filters_sources(tmp_path, tiny_model_di
 @pytest.mark.vllm
 def test_eval_checkpoint_adapter_reaches_vllm_through_merged_sync(tmp_path, tiny_model_dir, data, checkpoint):
     vllm = ["generator=vllm_cpu", "generator.dtype=float32", "data.rollout.max_context_tokens=512"]
-    evaluate(eval_cfg(tmp_path / "base", tiny_model_dir, data, *vllm))
-    evaluate(eval_cfg(tmp_path / "tuned", tiny_model_dir, data, *vllm, f"ckpt_path={checkpoint}"))
+    run_eval(eval_cfg(tmp_path / "base", tiny_model_dir, data, *vllm))
+    run_eval(eval_cfg(tmp_path / "tuned", tiny_model_dir, data, *vllm, f"ckpt_path={checkpoint}"))
     meta = json.loads((tmp_path / "tuned" / "out" / "eval_metrics.json").read_text())["meta"]
     assert meta["generator"] == "igpo.generator.vllm.VLLMGenerator" and meta["ckpt_tensors"] == LORA_TENSORS
     texts = [[r["turns"][0]["text"] for r in read_jsonl(tmp_path / run / "out" / "episodes.jsonl")]

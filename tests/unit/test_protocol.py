@@ -15,10 +15,12 @@ from igpo.evaluate import result_records
 from igpo.io import sha256_file
 from igpo.protocol import (
     RESOLVED_CONFIG,
+    RETRIEVAL_DEPTH_KEY,
     VERSIONS,
     MeasurementProtocol,
     ResultRecord,
     protocol_from_config,
+    retrieval_depth,
     write_run_metadata,
 )
 from igpo.run import compose_config
@@ -26,7 +28,7 @@ from igpo.types import Episode, Question, Turn
 
 PROTOCOL = MeasurementProtocol(
     data_path="/d/test.parquet", data_sha256="aa", corpus="/d/wiki.jsonl", index_fingerprint="f1",
-    retriever="BM25Retriever", top_k=3, temperature=0.0, top_p=1.0, max_new_tokens=64, max_turns=4,
+    retriever="BM25Retriever", search_k=3, temperature=0.0, top_p=1.0, max_new_tokens=64, max_turns=4,
     samples=1, seeds=(0,), model="m", ckpt_path=None)
 
 
@@ -43,6 +45,9 @@ def test_record_json_round_trip():
     assert r.value_of("corpus") == "/d/wiki.jsonl" and r.value_of("metric") == "em"
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['corpus_size'\]"):
         MeasurementProtocol.from_dict({**PROTOCOL.to_dict(), "corpus_size": 3})
+    # records written before the retrieval depth was renamed (top_k -> search_k) still load
+    old = {("top_k" if k == "search_k" else k): v for k, v in PROTOCOL.to_dict().items()}
+    assert MeasurementProtocol.from_dict(old) == PROTOCOL
     assert "igpo nq em = 0.500 [0.400, 0.600]" in str(r)
 
 
@@ -107,7 +112,7 @@ def test_protocol_from_config_hashes_data_and_corpus(tmp_path):
     cfg = compose_config("eval", overrides + [f"data.path={questions}"], root=str(tmp_path))
     p = protocol_from_config(cfg, data_path=str(questions), temperature=0.0, samples=2)
     assert (p.data_path, p.data_sha256) == (str(questions), sha256_file(questions))
-    assert (p.corpus, p.retriever, p.top_k, p.max_new_tokens, p.samples, p.seeds) == (
+    assert (p.corpus, p.retriever, p.search_k, p.max_new_tokens, p.samples, p.seeds) == (
         str(corpus), "BM25Retriever", 3, 32, 2, (7,))
     assert p.model == "m" and p.ckpt_path is None and len(p.index_fingerprint) == 16
     k1 = protocol_from_config(compose_config("eval", overrides + ["retriever.k1=0.9"], root=str(tmp_path)),
@@ -144,6 +149,43 @@ def test_run_metadata_files_are_what_analysis_reads(tmp_path):
     assert analysis.run_assets(run)["val_questions"] is None
 
 
+def test_retrieval_depth_is_not_the_sampling_top_k(tmp_path):
+    """The protocol's search_k is the documents per search (data.rollout), never the sampler's top_k; runs
+    written before the rename (data.rollout.top_k) still give it."""
+    cfg = OmegaConf.create({"data": {"sampling": {"top_k": 40}, "rollout": {"search_k": 3}}})
+    assert retrieval_depth(cfg) == 3 and RETRIEVAL_DEPTH_KEY == "data.rollout.search_k"
+    assert retrieval_depth(OmegaConf.create({"data": {"sampling": {"top_k": 40}, "rollout": {"top_k": 5}}})) == 5
+    assert retrieval_depth(OmegaConf.create({"data": {"sampling": {"top_k": 40}}})) is None
+    shipped = compose_config("train", ["prepare=none"], root=str(tmp_path))
+    assert retrieval_depth(shipped) == 2 and shipped.data.sampling.top_k == -1
+
+
+def fake_prepare(root: str) -> dict[str, str | None]:
+    """Stands in for igpo.artifacts.prepare_synthetic: returns asset paths only known at run time."""
+    return {"model": f"{root}/model", "corpus": f"{root}/corpus.jsonl", "train_questions": f"{root}/train.parquet",
+            "val_questions": None}
+
+
+def test_build_writes_the_prepared_assets_into_the_run_directory(tmp_path):
+    """igpo.run.build prepares the assets, then writes resolved_config.yaml (with those paths, which
+    .hydra/config.yaml only has as `???`) and versions.json, before it instantiates anything."""
+    from omegaconf import open_dict
+
+    from igpo.run import build
+
+    out = tmp_path / "run"
+    cfg = compose_config("train", ["prepare=none", f"paths.output_dir={out}", "debug=fast"], root=str(tmp_path))
+    with open_dict(cfg):
+        cfg.prepare = {"_target_": f"{__name__}.fake_prepare", "root": str(tmp_path / "art")}
+    assert OmegaConf.is_missing(cfg.assets, "model")
+    _, policy, _ = build(cfg)
+    resolved = OmegaConf.load(out / RESOLVED_CONFIG)
+    assert resolved.assets.model == policy.model_name == f"{tmp_path}/art/model"
+    assert resolved.data.train_questions == f"{tmp_path}/art/train.parquet" and resolved.assets.val_questions is None
+    assert resolved.model.model == resolved.assets.model  # interpolations resolved against the prepared paths
+    assert json.loads((out / VERSIONS).read_text())["torch"]
+
+
 def test_checkpoint_hparams(tmp_path):
     import torch
 
@@ -153,3 +195,9 @@ def test_checkpoint_hparams(tmp_path):
     assert analysis.checkpoint_hparams(tmp_path / "b.ckpt") == {}
     with pytest.raises(FileNotFoundError, match="c.ckpt"):
         analysis.checkpoint_hparams(Path(tmp_path / "c.ckpt"))
+    # what IGPOPolicy.save_hyperparameters puts into Lightning's checkpoints: plain data, tuples kept
+    torch.save({"state_dict": {}, "hyper_parameters": {"lora": {"r": 8, "target_modules": ("q_proj",)},
+                                                       "algorithm": OmegaConf.create({"gamma": 1.0})}},
+               tmp_path / "d.ckpt")
+    assert analysis.checkpoint_hparams(tmp_path / "d.ckpt") == {"lora": {"r": 8, "target_modules": ("q_proj",)},
+                                                                 "algorithm": {"gamma": 1.0}}
