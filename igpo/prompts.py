@@ -28,8 +28,10 @@ PROBE_THINK = "Now there's enough information to answer"
 
 
 @dataclass(frozen=True)
-class Protocol:
-    """Tags and texts of the agent protocol. Defaults follow Search-R1/IGPO."""
+class AgentProtocol:
+    """Tags and texts of the agent protocol. Defaults follow Search-R1/IGPO. (Named apart from
+    `typing.Protocol`, which the generator and retriever interfaces use; `conf/train.yaml`'s `protocol:`
+    node builds one.)"""
 
     system_prompt: str = SYSTEM_PROMPT
     user_template: str = "Question: {question}"
@@ -69,6 +71,11 @@ class Protocol:
         return f"{self.think[0]}{think}{self.think[1]}{tag[0]}{self.content_sep}{content}{tag[1]}"
 
 
+# Deprecated alias (the old name, easily confused with `typing.Protocol`); kept until every import and
+# `_target_` says AgentProtocol.
+Protocol = AgentProtocol
+
+
 @dataclass(frozen=True)
 class Action:
     kind: TurnKind
@@ -76,14 +83,14 @@ class Action:
     think: str = ""
 
 
-def parse_action(text: str, protocol: Protocol | None = None) -> Action:
+def parse_action(text: str, protocol: AgentProtocol | None = None) -> Action:
     """Parse one assistant turn strictly: a think block, then exactly one search or answer block.
 
     Surrounding whitespace is allowed; anything else (missing or nested tags, text outside the tags,
     an empty query) is `malformed`. Unlike the official code we do not accept an answer buried after
     other text: the grammar is the contract the SFT data teaches.
     """
-    p = protocol or Protocol()
+    p = protocol or AgentProtocol()
     m = _action_regex(p).fullmatch(text.strip())
     if m is None:
         return Action("malformed", "")
@@ -97,7 +104,7 @@ def parse_action(text: str, protocol: Protocol | None = None) -> Action:
 
 
 @functools.lru_cache(maxsize=16)
-def _action_regex(p: Protocol) -> re.Pattern[str]:
+def _action_regex(p: AgentProtocol) -> re.Pattern[str]:
     e = re.escape
     free = "(?:(?!" + "|".join(e(t) for t in p.tags) + ").)*"  # text that contains no tag
     return re.compile(
@@ -124,8 +131,8 @@ class ChatPieces:
     user_close: str
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase, protocol: Protocol | None = None) -> ChatPieces:
-        p = protocol or Protocol()
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase, protocol: AgentProtocol | None = None) -> ChatPieces:
+        p = protocol or AgentProtocol()
         a, u = "SENTINELASSISTANTTEXT", "SENTINELUSERTEXT"
         base = p.messages("q")
         text = tokenizer.apply_chat_template(
@@ -146,13 +153,13 @@ class ChatPieces:
         return cls(assistant_end, between[len(assistant_end):], after)
 
 
-def prompt_text(tokenizer: PreTrainedTokenizerBase, question: str, protocol: Protocol | None = None) -> str:
+def prompt_text(tokenizer: PreTrainedTokenizerBase, question: str, protocol: AgentProtocol | None = None) -> str:
     """The first generation prompt: system + user message + assistant header."""
-    p = protocol or Protocol()
+    p = protocol or AgentProtocol()
     return tokenizer.apply_chat_template(p.messages(question), tokenize=False, add_generation_prompt=True)
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, question: str, protocol: Protocol | None = None) -> list[int]:
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, question: str, protocol: AgentProtocol | None = None) -> list[int]:
     return encode(tokenizer, prompt_text(tokenizer, question, protocol))
 
 
@@ -162,12 +169,12 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
 
 
 def format_docs(
-    docs: list[Doc], tokenizer: PreTrainedTokenizerBase, protocol: Protocol | None = None,
+    docs: list[Doc], tokenizer: PreTrainedTokenizerBase, protocol: AgentProtocol | None = None,
     max_doc_tokens: int = 128,
 ) -> str:
     """Render retrieved documents for an observation; each document's text is cut to
     `max_doc_tokens` tokens (marked with an ellipsis), so a long document never floods the context."""
-    p = protocol or Protocol()
+    p = protocol or AgentProtocol()
     lines = []
     for rank, d in enumerate(docs, 1):
         ids = encode(tokenizer, d.text)
@@ -179,16 +186,16 @@ def format_docs(
 
 
 def observation_text(
-    pieces: ChatPieces, docs_text: str, protocol: Protocol | None = None, *, close_action: bool = True
+    pieces: ChatPieces, docs_text: str, protocol: AgentProtocol | None = None, *, close_action: bool = True
 ) -> str:
     """Everything the environment appends after a search action, up to the next assistant header."""
-    p = protocol or Protocol()
+    p = protocol or AgentProtocol()
     end = pieces.assistant_end if close_action else ""
     return f"{end}{pieces.user_open}{p.information[0]}{docs_text}{p.information[1]}{pieces.user_close}"
 
 
 def probe_token_parts(
-    tokenizer: PreTrainedTokenizerBase, pieces: ChatPieces, gold: str, protocol: Protocol | None = None
+    tokenizer: PreTrainedTokenizerBase, pieces: ChatPieces, gold: str, protocol: AgentProtocol | None = None
 ) -> tuple[list[int], list[int], list[int]]:
     """(prefix, gold, suffix) token ids of the ground-truth probe that follows an assistant header.
 
@@ -197,10 +204,10 @@ def probe_token_parts(
     action as one string). The gold part is the smallest run of tokens covering the gold answer's
     characters, found by character offsets (as the official CODE-v2 does): with real byte-level BPE
     vocabularies the `>` of `<answer>` merges with the answer's first letters (`'>F' 'enn' 'us' 'il'`), and
-    that merged token is scored. Only the gold tokens are scored. `gold` is the first alias (spec §1.4).
+    that merged token is scored. Only the gold tokens are scored. `gold` is the first alias (docs/algorithm.md §1.4).
     Needs a tokenizer that returns offsets (a fast one); others are refused with a ValueError.
     """
-    p = protocol or Protocol()
+    p = protocol or AgentProtocol()
     if not gold:
         raise ValueError(f"probe: gold answer {gold!r} tokenises to nothing")
     head = p.probe_prefix()
@@ -225,7 +232,7 @@ def probe_token_parts(
 
 def observation_ids(
     tokenizer: PreTrainedTokenizerBase, pieces: ChatPieces, docs: list[Doc],
-    protocol: Protocol | None = None, max_doc_tokens: int = 128,
+    protocol: AgentProtocol | None = None, max_doc_tokens: int = 128,
 ) -> list[int]:
     """Token ids the environment appends after a search action (the rollout loop and the SFT
     oracle both call this, so SFT sequences are tokenised exactly like rollouts)."""

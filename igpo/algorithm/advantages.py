@@ -6,10 +6,10 @@ gets the gain its action and observation caused, the last turn gets the outcome 
 every way an episode ends:
 - answered: outcome = F1 of the answer;
 - hit max turns: the gains are KEPT and the outcome is the format penalty (the official code drops the
-  gains of such episodes, spec §4.9 — we don't);
+  gains of such episodes, docs/algorithm.md §4.9 — we don't);
 - malformed: the gains of the completed turns are kept and the outcome is the format penalty.
-Normalise first, then discount (spec §1.7, ISSUE #5). Turn boundaries are explicit indices, never inferred
-from reward values (spec §4.10).
+Normalise first, then discount (docs/algorithm.md §1.7, ISSUE #5). Turn boundaries are explicit indices, never inferred
+from reward values (docs/algorithm.md §4.10).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""PPO-clip policy loss with dual clip, k3 KL to the reference and an entropy bonus (spec §1.9, §4.12).
+"""PPO-clip policy loss with dual clip, k3 KL to the reference and an entropy bonus (docs/algorithm.md §1.9, §4.12).
 
 loss = agg(pg) + kl_coef · agg(kl) − entropy_coef · agg(H), all on [B, L] token tensors, as verl/CODE-v2
 (`use_kl_loss`, `low_var_kl`, `entropy_coeff`). The aggregation is a config choice: the official code uses

@@ -2,13 +2,13 @@
 
 For episode i with token ids S_i and probe boundaries b_{i,t} (the context of probe t is S_i[:b_t], which
 ends with an assistant header), the probe value is the mean over the gold tokens of
-log π(gold_j | S_i[:b_t] + prefix + gold_<j), at temperature 1 (raw fp32 log-softmax, spec §4.13), no grad.
+log π(gold_j | S_i[:b_t] + prefix + gold_<j), at temperature 1 (raw fp32 log-softmax, docs/algorithm.md §4.13), no grad.
 The (prefix, gold, suffix) ids are the tokenizer's encoding of the whole probe text, the gold being the
 smallest run of tokens covering the answer's characters (`igpo.prompts.probe_token_parts`): the tokens the
 policy would emit, so with byte-level BPE vocabularies the first gold token may carry the `>` of `<answer>`.
 
 Two implementations that agree to 1e-5 in fp32:
-- `reference_probe`: the official method minus its bugs (spec §4.3, §4.4): one row per (episode, turn),
+- `reference_probe`: the official method minus its bugs (docs/algorithm.md §4.3, §4.4): one row per (episode, turn),
   rebuilt from scratch for every batch, position ids 0..n-1 over real tokens for left or right padding.
 - `packed_probe`: one forward per trajectory (architecture decision 2). The packed row is S_i followed
   by T_i probe blocks (prefix + gold); block t has position ids b_t + arange(m) and may attend only to

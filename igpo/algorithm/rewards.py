@@ -1,8 +1,8 @@
 """Outcome rewards and answer metrics: normalisation, token-set F1, exact match, format check.
 
-These follow the official IGPO `info_gain.compute_f1` (spec §1.5) with two deliberate differences:
+These follow the official IGPO `info_gain.compute_f1` (docs/algorithm.md §1.5) with two deliberate differences:
 - Training F1 scores against ALL answer aliases. The official code overwrites the ground truth with its
-  first alias during the rollout, so its training F1 only ever sees the first alias (spec §4.7); its
+  first alias during the rollout, so its training F1 only ever sees the first alias (docs/algorithm.md §4.7); its
   validation uses all aliases. The probe (not here) uses the first alias, as the official code does.
 - Malformed episodes score 0 (not -2) in the reported `em`/`f1` metrics; the penalty only enters the
   training reward through `outcome_reward`.
@@ -114,7 +114,7 @@ def outcome_reward(
     """Outcome reward of the answer turn: F1 against ALL aliases if well formed, else `penalty`.
 
     Deliberate difference: the official training reward uses only the first alias (it mutates the ground
-    truth in place, spec §4.7); we use all aliases, as its validation does (the ground-truth probe keeps
+    truth in place, docs/algorithm.md §4.7); we use all aliases, as its validation does (the ground-truth probe keeps
     the official first alias). A missing answer
     (`prediction is None`, e.g. max turns hit or malformed output) gets the penalty.
     """
