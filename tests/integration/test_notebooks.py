@@ -97,7 +97,7 @@ def test_notebooks_on_a_hand_made_sweep(made_sweep, monkeypatch):
     _, text = execute("01_inspect_rollouts", monkeypatch, IGPO_RUN_DIR=str(made_sweep / "0"))
     assert str((made_sweep / "0").resolve()) in text and "True" in text  # gains_by_usefulness ran
     _, text = execute("02_compare_sweep", monkeypatch, IGPO_SWEEP_DIR=str(made_sweep))
-    assert "grpo" in text and "shared protocol" in text and "BM25Retriever" in text
+    assert "grpo" in text and "shared protocol" in text and "BM25Retriever" in text and "'search_k': 2" in text
     _, text = execute("03_turn_credit", monkeypatch, IGPO_RUN_DIR=str(made_sweep / "0"))
     for expected in ("answer hop", "bridge hop", "useless", "outcome_equal", "8 episodes, 12 search turns"):
         assert expected in text, expected
