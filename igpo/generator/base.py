@@ -9,7 +9,9 @@ from typing import Any, Protocol, runtime_checkable
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How to sample one assistant action. temperature 0 means greedy."""
+    """How to sample one assistant action. temperature 0 means greedy. `top_k` is the sampler's top-k
+    (vLLM's and transformers' `top_k`; -1 = off), not the retrieval depth, which is the rollout's
+    `search_k` (documents per search)."""
 
     temperature: float = 1.0
     top_p: float = 1.0

@@ -9,7 +9,8 @@ from igpo.types import Doc
 
 @runtime_checkable
 class Retriever(Protocol):
-    """`search_batch(queries, k)` returns, for each query, its top-k documents best first.
+    """`search_batch(queries, k)` returns, for each query, its `k` best documents, best first (the
+    rollout passes its retrieval depth, `search_k`; the sampler's `top_k` is another thing).
 
     Retrievers are cheap to construct; heavy resources (an index, a client) are opened in `setup()`
     and released in `close()`, so Hydra multirun can build many in one process.
