@@ -109,11 +109,13 @@ def score_batch(
     *,
     probe_parts: Sequence[ProbeParts] | None = None,
     reference: Callable[[], AbstractContextManager] | None = None,
+    progress: float | None = None,
 ) -> Scores:
     """Score `batch` with `model` (pre-update weights, no grad): probe, old and reference log-probs as
     `plan` asks, then turn rewards and token advantages. `probe_parts` (one (prefix, gold, suffix) per
     episode) is required when `plan.probe`; `reference()` is a context manager yielding the module that
-    computes the reference policy (e.g. the model with its adapter disabled), required when `plan.reference`."""
+    computes the reference policy (e.g. the model with its adapter disabled), required when `plan.reference`.
+    `progress` (training progress in [0, 1]) sets the weights of a curriculum (`AlgorithmConfig.at_progress`)."""
     if plan.probe and probe_parts is None:
         raise ValueError("score_batch: plan.probe needs probe_parts (igpo.algorithm.probe.probe_inputs_from_episodes)")
     if plan.reference and reference is None:
@@ -150,7 +152,8 @@ def score_batch(
                     ref.append(token_logprobs_at(ref_model, ids, att, sel)[0])
         ref_s = time.perf_counter() - t1
     out = batch.input_ids.device
-    rewards, turn_adv, stats = turn_scores(batch.episodes, probes if plan.probe else None, batch.group_ids, algo)
+    rewards, turn_adv, stats = turn_scores(batch.episodes, probes if plan.probe else None, batch.group_ids, algo,
+                                          progress=progress)
     advantages = broadcast_to_tokens(turn_adv.to(batch.turn_ids.device), batch.turn_ids, batch.loss_mask).float()
     stats |= {"time/probe_s": probe_s, "time/reference_s": ref_s}
     return Scores(
@@ -167,10 +170,18 @@ def score_batch(
 def turn_scores(
     episodes: Sequence[Episode], probe_logprobs: Sequence[Sequence[float]] | None, group_ids: torch.Tensor,
     algo: AlgorithmConfig,
+    progress: float | None = None,
 ) -> tuple[list[list[float]], torch.Tensor, dict[str, float]]:
     """Pure: per-episode turn rewards (gains…, outcome), the [E, T] turn advantages and stats.
 
-    Without probe values the gains are 0 (valid only with ig_weight = 0: they then leave the pool)."""
+    Without probe values the gains are 0 (valid only with ig_weight = 0: they then leave the pool).
+    A weight curriculum (`algo.scheduled`) takes its weights at `progress` (required then)."""
+    scheduled = algo.scheduled
+    if scheduled:
+        if progress is None:
+            raise ValueError(f"turn_scores: algorithm {algo.name!r} has a weight curriculum (ig_weight_final / "
+                             "outcome_weight_final) but no training progress was given")
+        algo = algo.at_progress(progress)
     rewards: list[list[float]] = []
     all_gains: list[float] = []
     for i, ep in enumerate(episodes):
@@ -199,6 +210,8 @@ def turn_scores(
         "episode/format_ok": sum(e.format_ok for e in episodes) / n,
         "episode/max_turns_hit": sum(e.finish == "max_turns" for e in episodes) / n,
     }
+    if scheduled:
+        stats |= {"algo/ig_weight": algo.ig_weight, "algo/outcome_weight": algo.outcome_weight}
     if probe_logprobs is not None:
         stats["reward/ig_mean"] = sum(all_gains) / len(all_gains) if all_gains else 0.0
         stats["reward/ig_pos_frac"] = sum(g > 0 for g in all_gains) / len(all_gains) if all_gains else 0.0
