@@ -105,3 +105,85 @@ def test_readme_command_composes(tmp_path, lineno, command):
         except Exception as e:  # noqa: BLE001 (any failure: report the README line)
             pytest.fail(f"README.md:{lineno}: `{command}` does not compose (job {overrides}): "
                         f"{type(e).__name__}: {e}")
+
+
+# ---- the layout and the references are true -----------------------------------------------------------
+ROOT = README.parent
+PATH_RE = re.compile(r"(?<![\w/.])((?:igpo|conf|docs|notebooks|benchmarks|scripts|tests)/[\w./*{},-]*[\w*}/])")
+SECTION_REF = re.compile(r"docs/algorithm\.md (§\d+(?:\.\d+)?(?:, §\d+(?:\.\d+)?)*)")
+
+
+def layout_block(text: str) -> list[str]:
+    """The lines of the code block under "## What is where"."""
+    section = text.split("## What is where", 1)[1]
+    return section.split("```", 2)[1].splitlines()[1:]
+
+
+def test_layout_names_files_that_exist():
+    entries = []
+    for line in layout_block(README.read_text(encoding="utf-8")):
+        if line and not line.startswith(" "):
+            head = re.split(r"\s{2,}", line, maxsplit=1)[0]
+            entries += [e.strip() for e in head.split(",")]
+    assert {"igpo/algorithm/", "igpo/protocol.py", "igpo/stats.py", "igpo/analysis/"} <= set(entries)
+    missing = [e for e in entries if not (ROOT / e).exists()]
+    assert not missing, f"README layout names paths that do not exist: {missing}"
+    text = "\n".join(layout_block(README.read_text(encoding="utf-8")))
+    for name in re.findall(r"\b(\w+\.py)\b", text):  # files named inside a folder's line
+        assert list(ROOT.glob(f"igpo/**/{name}")) or (ROOT / name).exists(), name
+
+
+def test_readme_states_the_step_order():
+    text = README.read_text(encoding="utf-8")
+    order = [text.index(w) for w in ("**rollout**", "**score**", "**update**", "**sync**")]
+    assert order == sorted(order) and "igpo/algorithm/scoring.py" in text and "`Scores`" in text
+
+
+def _resolve(dotted: str) -> object:
+    import importlib
+
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ModuleNotFoundError(dotted)
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/algorithm.md", "docs/gpu.md"])
+def test_docs_name_code_and_files_that_exist(doc):
+    """Every `igpo.x.y` in backticks resolves to a module or attribute, and every repository path exists."""
+    text = (ROOT / doc).read_text(encoding="utf-8")
+    names = sorted(set(re.findall(r"`(igpo(?:\.\w+)+)`", text)))
+    broken = []
+    for name in names:
+        try:
+            _resolve(name)
+        except (ImportError, AttributeError):
+            broken.append(name)
+    for path in sorted({p.rstrip("/.") for p in PATH_RE.findall(text)}):
+        pattern = re.sub(r"\{[^}]*\}", "*", path)  # conf/experiment/igpo_qwen2.5_* , a_{x,y}.yaml
+        if not (list(ROOT.glob(pattern)) if "*" in pattern else (ROOT / path).exists()):
+            broken.append(path)
+    assert not broken, f"{doc} names what does not exist: {broken}"
+
+
+def test_section_references_point_to_sections_of_docs_algorithm():
+    """`docs/algorithm.md §N.M` in code, configs and docs: a heading `### N.M` or a row `| N.M |` of §4."""
+    algorithm = (ROOT / "docs" / "algorithm.md").read_text(encoding="utf-8")
+    sections = set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)[ .]", algorithm, flags=re.M))
+    sections |= set(re.findall(r"^\| (4\.\d+) \|", algorithm, flags=re.M))
+    refs = []
+    for path in [*ROOT.glob("igpo/**/*.py"), *ROOT.glob("conf/**/*.yaml"), *ROOT.glob("docs/*.md"), README]:
+        for m in SECTION_REF.finditer(path.read_text(encoding="utf-8")):
+            refs += [(path.relative_to(ROOT), r.strip()[1:]) for r in m.group(1).split(",")]
+    assert len(refs) >= 10
+    unknown = [(str(p), r) for p, r in refs if r not in sections]
+    assert not unknown, f"references to sections docs/algorithm.md does not have: {unknown}"
+    stale = [str(p) for p in [*ROOT.glob("igpo/**/*.py"), *ROOT.glob("conf/**/*.yaml"), *ROOT.glob("docs/*.md")]
+             if re.search(r"\bspec §|igpo-spec", p.read_text(encoding="utf-8"))]
+    assert not stale, f"pointers to the spec file users do not have: {stale}"
