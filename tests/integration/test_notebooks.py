@@ -47,7 +47,13 @@ def execute(name: str, monkeypatch: pytest.MonkeyPatch, **env: str) -> tuple[lis
 
 
 def test_every_notebook_is_tested():
-    assert sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")) == sorted(IMAGES)
+    """The three notebooks of issue 13 run here; any other one must be executed by another test module."""
+    names = {p.stem for p in NOTEBOOKS.glob("*.ipynb")}
+    assert set(IMAGES) <= names
+    others = [p.read_text(encoding="utf-8") for p in Path(__file__).parent.glob("test_*.py")
+              if p.name != Path(__file__).name]
+    untested = sorted(n for n in names - set(IMAGES) if not any(f"{n}.ipynb" in text for text in others))
+    assert not untested, f"notebooks no test executes: {untested}"
 
 
 # ---- a hand-made sweep with known content ------------------------------------------------------------
