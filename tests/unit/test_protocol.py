@@ -108,7 +108,8 @@ def test_protocol_from_config_hashes_data_and_corpus(tmp_path):
     questions = tmp_path / "q.jsonl"
     questions.write_text(json.dumps({"question": "Q?", "answers": ["a"]}) + "\n")
     overrides = ["prepare=none", "assets.model=m", f"assets.corpus={corpus}", "retriever=bm25",
-                 "data.rollout.top_k=3", "data.sampling.max_new_tokens=32", "seed=7"]
+                 "++data.rollout.search_k=3",  # ++: before and after the config key was renamed
+                 "data.sampling.max_new_tokens=32", "seed=7"]
     cfg = compose_config("eval", overrides + [f"data.path={questions}"], root=str(tmp_path))
     p = protocol_from_config(cfg, data_path=str(questions), temperature=0.0, samples=2)
     assert (p.data_path, p.data_sha256) == (str(questions), sha256_file(questions))
