@@ -1,12 +1,20 @@
-"""Learning benchmark on the offline testbed: IGPO vs GRPO vs IG-only from one SFT checkpoint.
+"""Aggregate the IGPO-vs-GRPO comparison sweeps into docs/results/learning_compare.md (+ .png, + .json).
 
-Every arm runs through the normal training path (igpo.run.build → Trainer.fit) with the demo's
-config, the same questions at every step for a given seed (questions depend only on (seed, step)),
-the same compute (B questions × G episodes, same steps), and is evaluated on held-out questions
-(sampled at T=1) before training and every `--eval-every` steps. Writes
-docs/results/learning.md (+ .png, + .json) with the exact command, and ends with one line:
-`learning_summary steps_ratio=<igpo steps ÷ grpo steps> collapse_ratio=<igpo ÷ grpo zero-std share>
-useful_gain=<u> useless_gain=<v> seeds=<n>`.
+The sweeps run the way users sweep (each job trains one arm × seed through train.py and writes held-out
+eval points with igpo.learning.HeldoutEval; a finished job skips itself when launched again):
+
+    python train.py -m experiment=testbed_compare algorithm=igpo,grpo,ig_only seed=0,1,2,3,4
+    python train.py -m experiment=testbed_compare_hard algorithm=igpo,grpo,ig_only seed=0,1,2,3,4
+    python benchmarks/learning.py
+
+Per family (sweep directory), arm, hop count and eval step: the held-out EM pooled over seeds and
+questions with a bootstrap 95 % CI over questions and seeds; at the final point the paired difference
+IGPO − GRPO on multi-hop questions (hops ≥ 2), steps_ratio and collapse_ratio (igpo.learning.compare_arms).
+It prints whether the diff CI half-width is ≤ --target and, if not, how many more seeds or questions
+would be needed (CI ∝ 1/√n). The file ends with one line:
+`learning_summary seeds=N eval_episodes=N igpo_final=X grpo_final=X diff_ci_low=X diff_ci_high=X
+steps_ratio=X collapse_ratio=X diff=X final_step=N [hard_* ...]` for the first family (the hard family's
+numbers follow with a `hard_` prefix).
 """
 
 from __future__ import annotations
@@ -15,178 +23,171 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PREDICTION = """prediction (written before measuring): from the prototype (GRPO lifts sampled 2-hop EM
-0.37 -> 0.58 in 30 steps) IGPO should rise at least as fast; IGPO's zero-std group share should be ~0
-(IG rewards differ within a group even when all outcomes agree) vs GRPO's ~0.3-0.6 on this easy task;
-useful searches should gain clearly more than useless ones (prototype: dP +0.29 vs +0.02)."""
+from igpo.learning import (  # noqa: E402
+    EVAL_DIR,
+    Comparison,
+    compare_arms,
+    curves,
+    find_jobs,
+    load_sweep,
+    zero_std_fraction,
+)
+
+COMMANDS = ("python train.py -m experiment=testbed_compare algorithm=igpo,grpo,ig_only seed=0,1,2,3,4",
+            "python train.py -m experiment=testbed_compare_hard algorithm=igpo,grpo,ig_only seed=0,1,2,3,4")
+HOW = """How the numbers are computed (igpo.learning):
+- **EM** of a held-out question at an eval point = the mean exact match of its `samples` episodes (T=1,
+  seeded by (seed, step, hop, chunk), the same for every arm); an arm's value = the mean over seeds and
+  questions; the 95 % CI is a percentile bootstrap that resamples questions and, independently, seeds
+  (igpo.stats.bootstrap_mean on the [seeds, questions] array).
+- **diff** = IGPO − GRPO at the final eval point on multi-hop questions (2-hop; 2- and 3-hop for the hard
+  family), paired on questions (igpo.stats.bootstrap_diff: one question resample for both arms).
+- **steps_ratio** = s_IGPO / s_GRPO: s_GRPO is GRPO's final step; s_IGPO is the first step at which IGPO's
+  seed-mean multi-hop EM curve reaches GRPO's final multi-hop EM, linearly interpolated between the two eval
+  points around the crossing. 0 means the shared warm start (step 0) already reaches it (GRPO ended no
+  higher than where both started); inf means IGPO never reaches it within the run.
+- **collapse_ratio** = IGPO's mean share of groups whose advantages all have zero std
+  (`adv/zero_std_group_frac`, mean over training steps, then over seeds) ÷ GRPO's; nan when GRPO's is 0
+  and IGPO's too, inf when only GRPO's is 0."""
 
 
-def run_arm(arm: str, seed: int, args, out: Path) -> Path:
-    from igpo.run import build, compose_config
-
-    overrides = [
-        f"algorithm={arm}", f"seed={seed}", f"trainer.max_steps={args.steps}",
-        f"data.steps_per_epoch={args.eval_every}", f"data.questions_per_step={args.questions}",
-        f"data.group_size={args.group}", "data.val_temperature=1.0", f"data.val_samples={args.val_samples}",
-        f"data.val_max_questions={args.val_questions}",
-        "data.val_questions=${assets.heldout_questions}", f"callbacks.episodes.n_dump={args.questions * args.group}",
-        "callbacks.episodes.n_text=1", "callbacks.checkpoint.every_n_train_steps=1000000",
-        f"paths.output_dir={out}", *args.extra,
-    ]
-    cfg = compose_config("demo", overrides)
-    dm, policy, trainer = build(cfg)
-    trainer.validate(policy, datamodule=dm)  # step-0 evaluation of the SFT policy
-    trainer.fit(policy, datamodule=dm)
-    return Path(trainer.log_dir)
+def family_report(name: str, sweep: Path, a: str, b: str, n_boot: int, target: float):
+    df = load_sweep(sweep)
+    cmp = compare_arms(df, a, b, zero_std_fraction(sweep), n_boot=n_boot)
+    others = {arm: compare_arms(df, arm, b, zero_std_fraction(sweep), n_boot=n_boot)
+              for arm in sorted(set(df.arm)) if arm not in (a, b)}
+    c = curves(df, n_boot=min(n_boot, 2000))
+    return {"name": name, "sweep": sweep, "df": df, "cmp": cmp, "others": others, "curves": c,
+            "power": cmp.power(target)}
 
 
-def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
-
-
-def usefulness(log_dir: Path, gold_docs: dict[str, set[str]]) -> tuple[list[float], list[float]]:
-    """Gains of search turns that retrieved a not-yet-seen gold-chain document (useful) or not."""
-    useful, useless = [], []
-    for line in (log_dir / "episodes.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        seen: set[str] = set()
-        gold = gold_docs.get(r["question_id"], set())
-        for t in r["turns"][:-1]:  # the last turn carries the outcome, not a gain
-            if t["kind"] != "search" or t["reward"] is None:
-                continue
-            new = (set(t["docs"]) & gold) - seen
-            (useful if new else useless).append(t["reward"])
-            seen |= set(t["docs"])
-    return useful, useless
+def protocol_lines(sweep: Path) -> list[str]:
+    job = find_jobs(sweep)[0]
+    rec = json.loads(sorted((job / EVAL_DIR).glob("step_*.json"))[0].read_text())
+    p = rec.get("protocol") or {}
+    counts = ", ".join(f"{h}-hop: {v['questions']}" for h, v in rec["hops"].items())
+    return [f"- held-out questions: `{p.get('data_path')}` (sha256 `{str(p.get('data_sha256'))[:16]}…`), "
+            f"{counts} questions per run",
+            f"- corpus `{p.get('corpus')}`, index fingerprint `{p.get('index_fingerprint')}`, retriever "
+            f"{p.get('retriever')} k={p.get('search_k', p.get('top_k'))}",
+            f"- sampling T={rec.get('temperature', p.get('temperature'))}, top_p={p.get('top_p')}, "
+            f"max_new_tokens={p.get('max_new_tokens')}, "
+            f"max_turns={p.get('max_turns')}, {rec.get('samples')} episodes per question per eval point, metric EM"]
 
 
-def curve(runs: list[dict], tag: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    steps = sorted({s for r in runs for s, _ in r.get(tag, [])})
-    vals = np.array([[dict(r.get(tag, [])).get(s, np.nan) for s in steps] for r in runs], dtype=float)
-    return np.array(steps), np.nanmean(vals, 0), np.nanstd(vals, 0)
+def tables(rep: dict) -> list[str]:
+    c, cmp = rep["curves"], rep["cmp"]
+    df = rep["df"]
+    jobs = df.groupby(["arm", "seed"]).agg(final=("step", "max"), done=("done", "all")).reset_index()
+    out = [f"## {rep['name']} (`{rep['sweep']}`)", ""]
+    for arm, g in jobs.groupby("arm"):
+        out.append(f"- {arm}: seeds {sorted(g.seed)}, final eval step {sorted(set(g.final))}, "
+                   f"{'all finished' if g.done.all() else 'NOT all finished'}")
+    out += ["", *protocol_lines(rep["sweep"]), ""]
+    for hop in [h for h in c.hop.unique() if h != "multi"] + ["multi"]:
+        part = c[c.hop == hop]
+        steps = sorted(part.step.unique())
+        label = "multi-hop (hops ≥ 2)" if hop == "multi" else f"{hop}-hop"
+        out += [f"Held-out {label} EM, mean [95 % CI] over seeds and questions:", "",
+                "| arm | " + " | ".join(f"step {s}" for s in steps) + " |", "|---" * (1 + len(steps)) + "|"]
+        for arm, g in part.groupby("arm"):
+            cells = {int(r.step): f"{r['mean']:.3f} [{r.lo:.3f}, {r.hi:.3f}]" for _, r in g.iterrows()}
+            out.append(f"| {arm} | " + " | ".join(cells.get(s, "—") for s in steps) + " |")
+        last = part[part.step == steps[-1]]
+        out += ["", f"(final point: {int(last.seeds.min())} seeds × {int(last.questions.min())} questions, "
+                    f"{int(last.episodes.min())} episodes per arm)", ""]
+    out += [f"Final point (step {cmp.final_step}), multi-hop:", "",
+            "| comparison | A final | B final | diff A − B [95 % CI] | steps_ratio | collapse_ratio |",
+            "|---|---|---|---|---|---|"]
+    for x in [cmp, *rep["others"].values()]:
+        out.append(f"| {x.a} vs {x.b} | {x.a_final} | {x.b_final} | {x.diff.mean:+.3f} [{x.diff.lo:+.3f}, "
+                   f"{x.diff.hi:+.3f}] | {x.steps_ratio:.3f} | {x.collapse_ratio:.3f} |")
+    verdict = ("IGPO's final multi-hop EM is above GRPO's with the 95 % CI above zero" if cmp.diff.lo > 0 else
+               "IGPO's final multi-hop EM is below GRPO's with the 95 % CI below zero" if cmp.diff.hi < 0 else
+               "the 95 % CI of IGPO − GRPO contains zero: no difference shown at this power")
+    out += ["", f"Power: {rep['power']}.", "", f"Verdict ({rep['name']}): {verdict}.", ""]
+    return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arms", default="igpo,grpo,ig_only")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--eval-every", type=int, default=5)
-    ap.add_argument("--questions", type=int, default=8)
-    ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--val-questions", type=int, default=100)
-    ap.add_argument("--val-samples", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "outputs" / "learning"))
-    ap.add_argument("--results", default=str(ROOT / "docs" / "results"))
-    ap.add_argument("--extra", nargs="*", default=[], help="Hydra overrides for every run, e.g. algorithm.gamma=0.9")
-    args = ap.parse_args()
-    command = "python benchmarks/learning.py " + " ".join(sys.argv[1:])
-    print(PREDICTION, flush=True)
-    from igpo.data.questions import load_questions
-    from igpo.run import compose_config, prepare_assets
-
-    cfg = compose_config("demo")
-    prepare_assets(cfg)
-    gold = {q.id: set(q.metadata.get("extra_info", {}).get("docs") or [])
-            for q in load_questions(cfg.assets.train_questions)}
-    arms = args.arms.split(",")
-    t0 = time.perf_counter()
-    results: dict[str, list[dict]] = {a: [] for a in arms}
-    gains: dict[str, tuple[list[float], list[float]]] = {a: ([], []) for a in arms}
-    for seed in range(args.seeds):
-        for arm in arms:
-            t1 = time.perf_counter()
-            log_dir = run_arm(arm, seed, args, Path(args.out) / f"{arm}_seed{seed}")
-            results[arm].append(scalars(log_dir))
-            u, v = usefulness(log_dir, gold)
-            gains[arm][0].extend(u)
-            gains[arm][1].extend(v)
-            print(f"[learning] {arm} seed {seed}: {time.perf_counter() - t1:.0f}s ({log_dir})", flush=True)
-    report(results, gains, args, command, time.perf_counter() - t0)
-
-
-def report(results, gains, args, command: str, seconds: float) -> None:
+def plot(reports: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tag2, tag1 = "val/synth_2hop/em", "val/synth_1hop/em"
-    rows, curves = [], {}
-    for arm, runs in results.items():
-        s2, m2, sd2 = curve(runs, tag2)
-        _, m1, sd1 = curve(runs, tag1)
-        collapse = float(np.mean([np.mean([v for _, v in r["adv/zero_std_group_frac"]]) for r in runs]))
-        outcome = float(np.mean([np.mean([v for _, v in r["reward/outcome"][-5:]]) for r in runs]))
-        u, v = gains[arm]
-        curves[arm] = (s2, m2, sd2)
-        rows.append({"arm": arm, "em2_start": m2[0], "em2_final": m2[-1], "em2_final_std": sd2[-1],
-                     "em1_start": m1[0], "em1_final": m1[-1], "em1_final_std": sd1[-1], "zero_std_share": collapse,
-                     "outcome_last5": outcome, "useful_gain": float(np.mean(u)) if u else math.nan,
-                     "useless_gain": float(np.mean(v)) if v else math.nan, "n_useful": len(u), "n_useless": len(v)})
-    by = {r["arm"]: r for r in rows}
-    steps_ratio = collapse_ratio = math.nan
-    if "igpo" in curves and "grpo" in curves:
-        target = by["grpo"]["em2_final"]
-        s, m, _ = curves["igpo"]
-        reached = [int(st) for st, val in zip(s, m, strict=True) if val >= target - 1e-9]
-        grpo_steps = int(curves["grpo"][0][-1]) or 1
-        steps_ratio = (reached[0] / grpo_steps) if reached else math.inf
-        collapse_ratio = by["igpo"]["zero_std_share"] / max(by["grpo"]["zero_std_share"], 1e-9)
-    ref = by.get("igpo", rows[0])
-    summary = (f"learning_summary steps_ratio={steps_ratio:.3f} collapse_ratio={collapse_ratio:.3f} "
-               f"useful_gain={ref['useful_gain']:.4f} useless_gain={ref['useless_gain']:.4f} seeds={args.seeds}")
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for arm, (s, m, sd) in curves.items():
-        ax.plot(s, m, marker="o", label=arm)
-        ax.fill_between(s, m - sd, m + sd, alpha=0.2)
-    ax.set_xlabel("RL step")
-    ax.set_ylabel("held-out 2-hop EM (sampled, T=1)")
-    ax.set_title(f"mean ± std over {args.seeds} seeds")
-    ax.legend()
+    hops = [[h for h in r["curves"].hop.unique()] for r in reports]
+    ncol = max(len(h) for h in hops)
+    fig, axes = plt.subplots(len(reports), ncol, figsize=(4 * ncol, 3.2 * len(reports)), squeeze=False)
+    for row, (rep, hs) in enumerate(zip(reports, hops, strict=True)):
+        for col, hop in enumerate(hs):
+            ax = axes[row][col]
+            for arm, g in rep["curves"][rep["curves"].hop == hop].groupby("arm"):
+                g = g.sort_values("step")
+                ax.plot(g.step, g["mean"], marker="o", label=arm)
+                ax.fill_between(g.step, g.lo, g.hi, alpha=0.2)
+            ax.set(title=f"{rep['name']}: {'multi-hop' if hop == 'multi' else hop + '-hop'}", xlabel="RL step",
+                   ylabel="held-out EM (T=1)")
+            ax.legend(fontsize=8)
+        for col in range(len(hs), ncol):
+            axes[row][col].axis("off")
     fig.tight_layout()
-    fig.savefig(out / "learning.png", dpi=120)
-    head = ("| arm | 2-hop EM start | 2-hop EM final (± std) | 1-hop EM start | 1-hop EM final (± std) | "
-            "zero-std group share | outcome reward (last 5 steps) | gain useful (n) | gain useless (n) |")
-    lines = [head, "|" + "---|" * 9]
-    for r in rows:
-        lines.append(f"| {r['arm']} | {r['em2_start']:.3f} | {r['em2_final']:.3f} ± {r['em2_final_std']:.3f} | "
-                     f"{r['em1_start']:.3f} | {r['em1_final']:.3f} ± {r['em1_final_std']:.3f} | "
-                     f"{r['zero_std_share']:.3f} | {r['outcome_last5']:.3f} | "
-                     f"{r['useful_gain']:+.4f} ({r['n_useful']}) | "
-                     f"{r['useless_gain']:+.4f} ({r['n_useless']}) |")
-    curve_lines = ["| arm | " + " | ".join(f"step {int(s)}" for s in next(iter(curves.values()))[0]) + " |",
-                   "|" + "---|" * (1 + len(next(iter(curves.values()))[0]))]
-    for arm, (_, m, sd) in curves.items():
-        curve_lines.append(f"| {arm} | " + " | ".join(f"{a:.3f} ± {b:.3f}" for a, b in zip(m, sd, strict=True)) + " |")
-    md = "\n".join([
-        "# Learning benchmark: IGPO vs GRPO vs IG-only on the synthetic testbed", "",
-        f"Command: `{command}`  ({seconds / 60:.1f} min on this machine)", "",
-        f"{args.seeds} seeds × {args.steps} steps × {args.questions} questions × G={args.group}; held-out "
-        f"evaluation every {args.eval_every} steps on {args.val_questions} questions × {args.val_samples} samples "
-        "at T=1 (EM per hop). All arms start from the same SFT checkpoint and see the same questions per step.", "",
-        *lines, "", "Held-out 2-hop EM (sampled) by step, mean ± std over seeds:", "", *curve_lines, "",
-        "![curves](learning.png)", "", "Per-kind probe gains and why the arms end close: probe_signal.md "
-        "(`python benchmarks/probe_signal.py`).", "", PREDICTION, "", summary, ""])
-    (out / "learning.md").write_text(md)
-    (out / "learning.json").write_text(json.dumps({"rows": rows, "summary": summary, "command": command}, indent=1,
-                                                  default=float))
-    print(md)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sweep", default=str(ROOT / "multirun" / "testbed_compare"))
+    ap.add_argument("--hard", default=str(ROOT / "multirun" / "testbed_compare_hard"),
+                    help="the hard family's sweep dir (skipped when absent)")
+    ap.add_argument("--a", default="igpo")
+    ap.add_argument("--b", default="grpo")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "results"))
+    ap.add_argument("--name", default="learning_compare")
+    ap.add_argument("--target", type=float, default=0.04, help="wanted half-width of the diff CI")
+    ap.add_argument("--n-boot", type=int, default=10_000)
+    args = ap.parse_args(argv)
+    reports = [family_report("testbed_compare", Path(args.sweep), args.a, args.b, args.n_boot, args.target)]
+    if Path(args.hard).is_dir():
+        reports.append(family_report("testbed_compare_hard", Path(args.hard), args.a, args.b, args.n_boot,
+                                     args.target))
+    for rep in reports:
+        print(f"[learning] {rep['name']}: {rep['power']}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(reports, out / f"{args.name}.png")
+    main_cmp: Comparison = reports[0]["cmp"]
+    extra = {}
+    for rep in reports[1:]:
+        h: Comparison = rep["cmp"]
+        extra |= {"hard_seeds": h.seeds, "hard_eval_episodes": h.episodes, "hard_igpo_final": h.a_final.mean,
+                  "hard_grpo_final": h.b_final.mean, "hard_diff_ci_low": h.diff.lo, "hard_diff_ci_high": h.diff.hi,
+                  "hard_steps_ratio": h.steps_ratio, "hard_collapse_ratio": h.collapse_ratio}
+    summary = main_cmp.summary(**extra)
+    command = "python benchmarks/learning.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    md = ["# IGPO vs GRPO with statistical power: held-out learning curves on the synthetic testbed", "",
+          "Sweeps (one job per arm × seed, each from the same SFT warm start, the same training questions per "
+          "step for a seed, and the same held-out questions and sampling seeds at every eval point):", "",
+          *[f"    {c}" for c in COMMANDS], f"    {command.strip()}", "",
+          f"Curves: ![curves]({args.name}.png)", ""]
+    for rep in reports:
+        md += tables(rep)
+    md += [HOW, "", "Why the arms end where they do (which turns get which gains): probe_signal.md "
+           "(`python benchmarks/probe_signal.py`).", "", summary]
+    (out / f"{args.name}.md").write_text("\n".join(md) + "\n")
+    (out / f"{args.name}.json").write_text(json.dumps({
+        "summary": summary, "command": command,
+        "families": {rep["name"]: {"sweep": str(rep["sweep"]), "curves": rep["curves"].to_dict("records"),
+                                   "power": rep["power"]} for rep in reports}},
+        indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x)) + "\n")
+    print("\n".join(md))
     print(summary)
+    return summary
 
 
 if __name__ == "__main__":

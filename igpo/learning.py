@@ -1,0 +1,410 @@
+"""Learning curves with statistical power: held-out eval points during training, and a sweep's aggregate.
+
+`HeldoutEval` (a Lightning callback) evaluates the policy on a fixed set of held-out questions per hop
+count at step 0 (before any update), every `every_n_steps` rollout steps and at the last step, sampled at
+temperature T with a seed that is a pure function of (run seed, step, hop, chunk): every arm of a
+comparison sees the same questions and the same sampling seeds for a given seed, and a resumed run
+redoes nothing it already wrote. Each eval point is one JSON file written atomically into
+`<run dir>/heldout_eval/step_NNNNNN.json`: per question the mean EM / F1 over its samples, per hop the
+pooled means, and the measurement protocol (`igpo.protocol`). `DONE.json` marks a finished run: a job
+started again with the same `max_steps` stops before its first step (`trainer.should_stop`), so a sweep
+can be re-launched and only runs the missing jobs (`is_done` is the same check for a wrapper).
+
+The aggregation reads every job of a sweep directory (`load_sweep`) into a long table, pools seeds into
+[S, Q] arrays (`igpo.stats.align`) for bootstrap CIs over questions and seeds (`curves`), and
+`compare_arms` gives the final-point paired difference A − B on multi-hop questions, `steps_ratio` and
+`collapse_ratio` (definitions in their docstrings). `format_summary` / `parse_summary` write and read the
+one-line `learning_summary ...` record that ends docs/results/learning_compare.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+
+from igpo.io import atomic_write
+from igpo.stats import Estimate, align, bootstrap_diff, bootstrap_mean
+
+log = logging.getLogger(__name__)
+
+EVAL_DIR = "heldout_eval"
+DONE = "DONE.json"
+FORMAT = 1
+METRICS = ("em", "f1", "format_ok", "searches")
+ZERO_STD_TAG = "adv/zero_std_group_frac"
+
+
+def eval_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / EVAL_DIR / f"step_{step:06d}.json"
+
+
+def is_done(run_dir: str | Path, max_steps: int | None = None) -> bool:
+    """The run at `run_dir` finished its eval points (and, if given, with this `max_steps`)."""
+    path = Path(run_dir) / EVAL_DIR / DONE
+    if not path.is_file():
+        return False
+    return max_steps is None or int(json.loads(path.read_text()).get("max_steps", -1)) == int(max_steps)
+
+
+def hops_of(metadata: dict) -> int:
+    """Hop count of a question (`extra_info.hops`, written by igpo.data.world); 0 when unknown."""
+    return int((metadata.get("extra_info") or {}).get("hops") or metadata.get("hops") or 0)
+
+
+def select_heldout(questions: list, per_hop: int | None, hops: list[int] | None, seed: int) -> dict[int, list]:
+    """A fixed sample of `per_hop` questions of each hop count (all when None), in file order; `seed` is
+    independent of the run's seed, so all seeds and arms are evaluated on the same questions."""
+    by_hop: dict[int, list] = {}
+    for q in questions:
+        by_hop.setdefault(hops_of(q.metadata), []).append(q)
+    wanted = sorted(by_hop) if hops is None else [int(h) for h in hops]
+    missing = [h for h in wanted if h not in by_hop]
+    if missing:
+        raise ValueError(f"HeldoutEval: no held-out questions with hops {missing} (the file has {sorted(by_hop)})")
+    out = {}
+    for h in wanted:
+        qs = by_hop[h]
+        if per_hop is not None and per_hop < len(qs):
+            keep = set(random.Random(f"heldout:{seed}:{h}").sample(range(len(qs)), per_hop))
+            qs = [q for i, q in enumerate(qs) if i in keep]
+        out[h] = qs
+    return out
+
+
+class HeldoutEval(L.Callback):
+    """Evaluate on held-out questions at step 0, every `every_n_steps` rollout steps and at the end.
+
+    questions:      the held-out question file (`${assets.heldout_questions}`).
+    run_dir:        where `heldout_eval/` goes (`${paths.output_dir}`); the protocol is built from the
+                    run's `resolved_config.yaml` there (written by igpo.run.build).
+    per_hop / hops: questions per hop count (None = all) and which hop counts (None = all in the file).
+    samples, temperature: episodes per question and their temperature; `seed` (the run's seed) and the
+                    eval step, hop and chunk give each chunk's sampling seed.
+    selection_seed: which questions (fixed across seeds and arms).
+    batch_episodes: episodes per generator call.
+    skip_if_done:   stop before the first step when `DONE.json` says this run already finished.
+    Must come after `igpo.callbacks.WeightSyncCallback` in the callback list (it evaluates what the sync
+    just pushed into the generator); `setup` checks it.
+    """
+
+    def __init__(self, questions: str | None, run_dir: str, every_n_steps: int = 10, per_hop: int | None = 200,
+                 hops: list[int] | None = None, samples: int = 2, temperature: float = 1.0, seed: int = 0,
+                 selection_seed: int = 0, batch_episodes: int = 128, skip_if_done: bool = True) -> None:
+        if every_n_steps < 1 or samples < 1:
+            raise ValueError(f"HeldoutEval: every_n_steps and samples must be >= 1, got {every_n_steps}, {samples}")
+        self.questions_path, self.run_dir = questions, Path(run_dir)
+        self.every_n_steps, self.per_hop, self.hops = every_n_steps, per_hop, None if hops is None else list(hops)
+        self.samples, self.temperature, self.seed = samples, float(temperature), int(seed)
+        self.selection_seed, self.batch_episodes, self.skip_if_done = selection_seed, batch_episodes, skip_if_done
+        self.by_hop: dict[int, list] = {}
+        self.protocol: dict[str, Any] | None = None
+        self.skipped = False
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.skip_if_done and is_done(self.run_dir, trainer.max_steps):
+            log.warning("HeldoutEval: %s is finished (%s exists): no training", self.run_dir, DONE)
+            self.skipped = True
+            trainer.should_stop = True
+            return
+        from igpo.callbacks import WeightSyncCallback
+        from igpo.data.questions import load_questions
+
+        kinds = [type(c) for c in trainer.callbacks]
+        if WeightSyncCallback in kinds and kinds.index(WeightSyncCallback) > trainer.callbacks.index(self):
+            raise ValueError("HeldoutEval must come after WeightSyncCallback in the callbacks (it evaluates the "
+                             "weights the sync pushed); list it later in the config")
+        if not self.questions_path:
+            raise ValueError("HeldoutEval: no held-out question file (assets.heldout_questions is null)")
+        self.by_hop = select_heldout(load_questions(self.questions_path), self.per_hop, self.hops, self.selection_seed)
+        self.protocol = self._protocol()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self.evaluate(trainer, _step(trainer))  # step 0, or the step a resumed run starts from (if missing)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = _step(trainer)
+        if step % self.every_n_steps == 0 or step >= trainer.max_steps > 0:
+            self.evaluate(trainer, step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        step = _step(trainer)
+        if trainer.max_steps > 0 and step < trainer.max_steps:
+            return  # stopped early: not finished, no DONE marker
+        self.evaluate(trainer, step)
+        steps = sorted(int(p.stem.split("_")[1]) for p in (self.run_dir / EVAL_DIR).glob("step_*.json"))
+        atomic_write(self.run_dir / EVAL_DIR / DONE, json.dumps(
+            {"max_steps": trainer.max_steps, "final_step": step, "eval_steps": steps}, indent=1) + "\n")
+
+    # ---- one eval point -------------------------------------------------------------------------
+    def evaluate(self, trainer: L.Trainer, step: int) -> Path:
+        """Write the eval point of `step` unless its file exists (a resumed or repeated run)."""
+        path = eval_path(self.run_dir, step)
+        if path.is_file():
+            return path
+        from igpo.algorithm.rewards import episode_metrics
+
+        dm = trainer.datamodule
+        t0 = time.perf_counter()
+        chunk = max(1, self.batch_episodes // self.samples)
+        per_q: dict[str, dict[str, Any]] = {}
+        for hop, qs in self.by_hop.items():
+            for c, s in enumerate(range(0, len(qs), chunk)):
+                sampling = replace(dm.sampling, temperature=self.temperature,
+                                   seed=random.Random(f"heldout-eval:{self.seed}:{step}:{hop}:{c}").getrandbits(31))
+                for ep in dm.evaluate(qs[s: s + chunk], sampling, self.samples, progress=False):
+                    row = per_q.setdefault(ep.question.id, {"hops": hop, "n": 0, **{m: 0.0 for m in METRICS}})
+                    m = episode_metrics(ep)
+                    row["n"] += 1
+                    for k in METRICS:
+                        row[k] += float(m[k])
+        for row in per_q.values():
+            for k in METRICS:
+                row[k] /= row["n"]
+        hops = {}
+        for hop in self.by_hop:
+            rows = [r for r in per_q.values() if r["hops"] == hop]
+            hops[str(hop)] = {"questions": len(rows), "episodes": sum(r["n"] for r in rows),
+                              **{k: float(np.mean([r[k] for r in rows])) for k in METRICS}}
+        record = {
+            "format": FORMAT, "step": step, "max_steps": trainer.max_steps, "seed": self.seed,
+            "algorithm": _algorithm_name(trainer), "samples": self.samples, "temperature": self.temperature,
+            "selection_seed": self.selection_seed, "protocol": self.protocol, "hops": hops, "questions": per_q,
+            "seconds": time.perf_counter() - t0,
+        }
+        atomic_write(path, json.dumps(record, indent=None, sort_keys=True) + "\n")
+        log.info("held-out eval step %d: %s (%.1f s)", step,
+                 " ".join(f"{h}hop em={v['em']:.3f}" for h, v in hops.items()), record["seconds"])
+        return path
+
+    def _protocol(self) -> dict[str, Any] | None:
+        from igpo.protocol import protocol_from_config, read_run_metadata
+
+        cfg, _ = read_run_metadata(self.run_dir)
+        if cfg is None:
+            return None
+        proto = protocol_from_config(cfg, data_path=self.questions_path, temperature=self.temperature,
+                                     samples=self.samples).to_dict()
+        return {**proto, "ckpt_path": None}  # the policy being trained is evaluated, not a checkpoint (ckpt_path
+        # in the config is where training resumes from)
+
+
+def _step(trainer: L.Trainer) -> int:
+    """Rollout steps done (= global_step: one optimizer step per rollout batch)."""
+    return int(getattr(trainer.datamodule, "steps_done", trainer.global_step))
+
+
+def _algorithm_name(trainer: L.Trainer) -> str | None:
+    algo = getattr(trainer.lightning_module, "algorithm", None)
+    return getattr(algo, "name", None)
+
+
+# ---- reading a sweep ------------------------------------------------------------------------------
+def find_jobs(sweep_dir: str | Path) -> list[Path]:
+    """Run directories under `sweep_dir` that hold eval points (`heldout_eval/step_*.json`)."""
+    root = Path(sweep_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"find_jobs: {root}: no such directory")
+    return sorted({p.parent.parent for p in root.rglob(f"{EVAL_DIR}/step_*.json")})
+
+
+def load_sweep(sweep_dir: str | Path) -> pd.DataFrame:
+    """One row per (job, eval step, question): arm, seed, step, hops, question, em, f1, format_ok,
+    searches, n (episodes), job, done."""
+    rows = []
+    for job in find_jobs(sweep_dir):
+        done = is_done(job)
+        for path in sorted((job / EVAL_DIR).glob("step_*.json")):
+            rec = json.loads(path.read_text())
+            for qid, q in rec["questions"].items():
+                rows.append({"arm": rec["algorithm"], "seed": int(rec["seed"]), "step": int(rec["step"]),
+                             "hops": int(q["hops"]), "question": qid, **{k: q[k] for k in METRICS},
+                             "n": int(q["n"]), "job": str(job), "done": done})
+    if not rows:
+        raise FileNotFoundError(f"load_sweep: no eval points under {sweep_dir} ({EVAL_DIR}/step_*.json)")
+    return pd.DataFrame(rows)
+
+
+def zero_std_fraction(sweep_dir: str | Path) -> pd.DataFrame:
+    """Per job: arm, seed and the mean over training steps of `adv/zero_std_group_frac` (TensorBoard);
+    a step logged twice (resume) counts once, with its last value."""
+    from igpo.analysis import load_scalars
+
+    rows = []
+    for job in find_jobs(sweep_dir):
+        first = json.loads(next((job / EVAL_DIR).glob("step_*.json")).read_text())
+        tb = job / "tb"
+        if not tb.is_dir():
+            continue
+        df = load_scalars(tb, [ZERO_STD_TAG]).groupby("step").value.last()
+        rows.append({"arm": first["algorithm"], "seed": int(first["seed"]), "zero_std": float(df.mean())})
+    return pd.DataFrame(rows, columns=["arm", "seed", "zero_std"])
+
+
+def _matrix(df: pd.DataFrame, metric: str) -> tuple[list[str], np.ndarray]:
+    """[S, Q] per-question scores of one arm at one step (questions shared by all seeds)."""
+    runs = [dict(zip(g.question, g[metric], strict=True)) for _, g in df.groupby("seed")]
+    return align(runs)
+
+
+def curves(df: pd.DataFrame, metric: str = "em", n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Per arm × hop group × step: the mean over seeds and questions with a bootstrap 95 % CI over
+    questions and seeds; hop group "multi" pools every question with 2 or more hops."""
+    out = []
+    groups = [(str(h), df[df.hops == h]) for h in sorted(df.hops.unique())] + [("multi", df[df.hops >= 2])]
+    for label, part in groups:
+        for (arm, step), g in part.groupby(["arm", "step"]):
+            if g.empty:
+                continue
+            _, a = _matrix(g, metric)
+            est = bootstrap_mean(a, n_boot=n_boot, seed=seed)
+            out.append({"arm": arm, "hop": label, "step": int(step), "mean": est.mean, "lo": est.lo, "hi": est.hi,
+                        "seeds": a.shape[0], "questions": a.shape[1], "episodes": int(g.n.sum())})
+    return pd.DataFrame(out)
+
+
+def steps_to_reach(steps, values, target: float) -> float:
+    """The first step at which the curve (steps, values) reaches `target`, linearly interpolated between
+    the eval points around the crossing; the first point itself when it is already ≥ target; inf when
+    the curve never reaches it."""
+    steps, values = np.asarray(steps, float), np.asarray(values, float)
+    for i, v in enumerate(values):
+        if v >= target - 1e-12:
+            if i == 0:
+                return float(steps[0])
+            s0, v0 = steps[i - 1], values[i - 1]
+            return float(s0 + (target - v0) * (steps[i] - s0) / (v - v0))
+    return math.inf
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Arm A vs arm B at the final common eval step on multi-hop questions (hops ≥ 2), pooled over seeds."""
+
+    a: str
+    b: str
+    final_step: int
+    seeds: int
+    episodes: int  # multi-hop held-out episodes per arm at the final point, pooled over seeds
+    episodes_all: int  # all hops
+    a_final: Estimate
+    b_final: Estimate
+    diff: Estimate
+    steps_ratio: float
+    collapse_ratio: float
+
+    def summary(self, **extra: Any) -> str:
+        return format_summary(seeds=self.seeds, eval_episodes=self.episodes, igpo_final=self.a_final.mean,
+                              grpo_final=self.b_final.mean, diff_ci_low=self.diff.lo, diff_ci_high=self.diff.hi,
+                              steps_ratio=self.steps_ratio, collapse_ratio=self.collapse_ratio, diff=self.diff.mean,
+                              final_step=self.final_step, **extra)
+
+    def power(self, target: float = 0.04) -> str:
+        """Whether the diff CI half-width is ≤ target; if not, how many seeds or questions would do (√n)."""
+        hw = self.diff.half_width
+        if hw <= target:
+            return f"diff CI half-width {hw:.4f} <= {target}: powered"
+        factor = (hw / target) ** 2
+        return (f"diff CI half-width {hw:.4f} > {target}: about {factor:.2f}x the evaluation episodes are needed "
+                f"(CI ~ 1/sqrt(n)): {math.ceil(self.seeds * factor)} seeds at these questions, or "
+                f"{math.ceil(self.diff.n_questions * factor)} multi-hop questions per seed")
+
+
+def compare_arms(df: pd.DataFrame, a: str = "igpo", b: str = "grpo", zero_std: pd.DataFrame | None = None,
+                 metric: str = "em", n_boot: int = 10_000, seed: int = 0) -> Comparison:
+    """The final-point comparison of arm `a` with arm `b` on multi-hop questions.
+
+    final step: the last eval step every job of both arms reached.
+    diff:       mean(a) − mean(b), [S, Q] per arm, paired on questions (`igpo.stats.bootstrap_diff`).
+    steps_ratio: s_a / s_b, where s_b is B's final step and s_a the first step at which A's seed-mean
+                multi-hop curve reaches B's final mean (`steps_to_reach`: linear between eval points; 0 when
+                A's step-0 value, the shared warm start, already reaches it; inf when A never does).
+    collapse_ratio: mean zero-std group fraction of A ÷ that of B (each: mean over seeds of the mean over
+                steps); inf when only B's is 0, NaN when both are 0 or no scalars were found.
+    """
+    multi = df[df.hops >= 2]
+    for arm in (a, b):
+        if arm not in set(df.arm):
+            raise ValueError(f"compare_arms: no eval points of arm {arm!r} (arms: {sorted(set(df.arm))})")
+    if multi.empty:
+        raise ValueError("compare_arms: no multi-hop (hops >= 2) questions in the eval points")
+    jobs = df[df.arm.isin([a, b])].groupby("job").step.max()
+    final = int(jobs.min())
+    at = {arm: multi[(multi.arm == arm) & (multi.step == final)] for arm in (a, b)}
+    qa, ma = _matrix(at[a], metric)
+    qb, mb = _matrix(at[b], metric)
+    common = sorted(set(qa) & set(qb))
+    ma, mb = ma[:, [qa.index(q) for q in common]], mb[:, [qb.index(q) for q in common]]
+    curve_a = multi[multi.arm == a].groupby("step")[metric].mean()
+    b_final = bootstrap_mean(mb, n_boot=n_boot, seed=seed)
+    reach = steps_to_reach(curve_a.index.to_numpy(), curve_a.to_numpy(), float(mb.mean()))
+    ratio = math.nan if final == 0 else reach / final
+    collapse = math.nan
+    if zero_std is not None and not zero_std.empty:
+        za, zb = (zero_std[zero_std.arm == arm].zero_std.mean() for arm in (a, b))
+        if not (np.isnan(za) or np.isnan(zb)):
+            collapse = za / zb if zb > 0 else (math.inf if za > 0 else math.nan)
+    return Comparison(a, b, final, int(min(ma.shape[0], mb.shape[0])), int(at[a].n.sum()),
+                      int(df[(df.arm == a) & (df.step == final)].n.sum()), bootstrap_mean(ma, n_boot=n_boot, seed=seed),
+                      b_final, bootstrap_diff(ma, mb, n_boot=n_boot, seed=seed), ratio, collapse)
+
+
+# ---- the summary line -----------------------------------------------------------------------------
+SUMMARY_PREFIX = "learning_summary"
+SUMMARY_KEYS = ("seeds", "eval_episodes", "igpo_final", "grpo_final", "diff_ci_low", "diff_ci_high", "steps_ratio",
+                "collapse_ratio")
+_INT_KEYS = ("seeds", "eval_episodes", "final_step")
+
+
+def format_summary(**values: Any) -> str:
+    """`learning_summary seeds=N eval_episodes=N igpo_final=X ...`: the required keys in order, then any
+    others; floats with 4 decimals (inf / nan spelled so)."""
+    missing = [k for k in SUMMARY_KEYS if k not in values]
+    if missing:
+        raise ValueError(f"format_summary: missing key(s) {missing}")
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool | str):
+            return str(v)
+        if isinstance(v, int | np.integer):
+            return str(int(v))
+        return f"{float(v):.4f}" if math.isfinite(float(v)) else str(float(v))
+
+    keys = list(SUMMARY_KEYS) + [k for k in values if k not in SUMMARY_KEYS]
+    for k in keys:
+        if not k.replace("_", "").isalnum() or " " in fmt(values[k]):
+            raise ValueError(f"format_summary: {k}={values[k]!r} cannot be written as key=value")
+    return " ".join([SUMMARY_PREFIX, *(f"{k}={fmt(values[k])}" for k in keys)])
+
+
+def parse_summary(line: str) -> dict[str, Any]:
+    """The values of a `learning_summary ...` line (ints for counts, floats for numbers, strings otherwise);
+    ValueError when the prefix or a required key is missing."""
+    parts = line.strip().split()
+    if not parts or parts[0] != SUMMARY_PREFIX:
+        raise ValueError(f"parse_summary: the line does not start with {SUMMARY_PREFIX!r}: {line[:80]!r}")
+    out: dict[str, Any] = {}
+    for tok in parts[1:]:
+        key, sep, value = tok.partition("=")
+        if not sep or not key:
+            raise ValueError(f"parse_summary: {tok!r} is not key=value")
+        try:
+            out[key] = int(value) if key in _INT_KEYS else float(value)
+        except ValueError:
+            out[key] = value
+    missing = [k for k in SUMMARY_KEYS if k not in out]
+    if missing:
+        raise ValueError(f"parse_summary: missing key(s) {missing} in {line.strip()[:200]!r}")
+    return out

@@ -1,0 +1,122 @@
+"""The comparison sweep end to end on the tiny model: a 2-job `train.py -m experiment=testbed_compare` multirun
+(igpo, grpo; 2 steps; 4 held-out questions) writes its eval points; a finished job launched again does no
+training; benchmarks/learning.py and notebooks/04_learning_curves.ipynb read the sweep."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from igpo.learning import DONE, EVAL_DIR, is_done, parse_summary
+from tests.integration.test_train import SMALL
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+ROOT = Path(__file__).resolve().parents[2]
+JOBS = ("igpo_seed0", "grpo_seed0")
+
+
+def _multirun(sweep: Path, artifacts: Path, *extra: str) -> subprocess.CompletedProcess:
+    overrides = ["experiment=testbed_compare", "algorithm=igpo,grpo", "seed=0", f"hydra.sweep.dir={sweep}",
+                 f"paths.artifacts_dir={artifacts}", *SMALL, "trainer.max_steps=2", "data.steps_per_epoch=2",
+                 "callbacks.checkpoint.every_n_train_steps=1", "callbacks.heldout_eval.every_n_steps=1",
+                 "callbacks.heldout_eval.per_hop=2", "callbacks.heldout_eval.samples=2", "callbacks.episodes.n_dump=6",
+                 *extra]
+    run = subprocess.run([sys.executable, "train.py", "-m", *overrides], cwd=ROOT, capture_output=True, text=True,
+                         timeout=1200)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("learning")
+    _multirun(tmp / "sweep", tmp / "artifacts")
+    return tmp / "sweep"
+
+
+def _point(sweep: Path, job: str, step: int) -> dict:
+    return json.loads((sweep / job / EVAL_DIR / f"step_{step:06d}.json").read_text())
+
+
+def _scalar_steps(job_dir: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(job_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+
+
+def test_smoke_sweep_writes_eval_points(sweep):
+    for job in JOBS:
+        files = sorted(p.name for p in (sweep / job / EVAL_DIR).glob("step_*.json"))
+        assert files == ["step_000000.json", "step_000001.json", "step_000002.json"], job
+        assert is_done(sweep / job, 2) and (sweep / job / "checkpoints" / "last.ckpt").is_file()
+        rec = _point(sweep, job, 2)
+        assert rec["algorithm"] == job.split("_")[0] and rec["seed"] == 0 and rec["samples"] == 2
+        assert set(rec["hops"]) == {"1", "2"} and all(h["questions"] == 2 and h["episodes"] == 4
+                                                      for h in rec["hops"].values())
+        assert len(rec["questions"]) == 4 and all(q["n"] == 2 for q in rec["questions"].values())
+        p = rec["protocol"]
+        assert p["temperature"] == 1.0 and p["samples"] == 2 and p["seeds"] == [0]
+        assert p["data_path"].endswith(".parquet") and len(p["data_sha256"]) == 64 and p["index_fingerprint"]
+        assert _scalar_steps(sweep / job, "adv/zero_std_group_frac")
+    # the same warm start, questions and sampling seeds: both arms score the same at step 0, question by question
+    assert _point(sweep, "igpo_seed0", 0)["questions"] == _point(sweep, "grpo_seed0", 0)["questions"]
+    # ... and train on the same questions at each step
+    asked = [sorted({(r["step"], r["question_id"]) for r in map(json.loads, (sweep / job / "tb" / "episodes.jsonl")
+                                                                .read_text().splitlines())}) for job in JOBS]
+    assert asked[0] == asked[1] and asked[0]
+
+
+def test_a_finished_job_does_no_training(sweep, tmp_path):
+    artifacts = sweep.parent / "artifacts"  # the fixture's
+    before = {p: p.stat().st_mtime_ns for job in JOBS for p in [*(sweep / job / EVAL_DIR).iterdir(),
+                                                               sweep / job / "checkpoints" / "last.ckpt"]}
+    losses = {job: _scalar_steps(sweep / job, "train/loss") for job in JOBS}
+    # ckpt_path=null: without the skip the jobs would train again from step 0 (not resume at the end)
+    run = _multirun(sweep, artifacts, "ckpt_path=null")
+    assert "is finished" in run.stdout + run.stderr
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert {job: _scalar_steps(sweep / job, "train/loss") for job in JOBS} == losses
+    assert all(len(v) == 2 for v in losses.values())
+    assert (sweep / JOBS[0] / EVAL_DIR / DONE).is_file()
+
+
+def test_benchmark_script_on_the_sweep(sweep, tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import learning as bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    line = bench.main(["--sweep", str(sweep), "--hard", str(tmp_path / "none"), "--out", str(tmp_path / "res"),
+                       "--n-boot", "500"])
+    md = (tmp_path / "res" / "learning_compare.md").read_text().splitlines()
+    assert md[-1] == line and (tmp_path / "res" / "learning_compare.png").stat().st_size > 0
+    values = parse_summary(md[-1])
+    assert values["seeds"] == 1 and values["eval_episodes"] == 4 and values["final_step"] == 2
+    assert 0.0 <= values["igpo_final"] <= 1.0 and values["diff_ci_low"] <= values["diff_ci_high"]
+
+
+@pytest.mark.notebooks
+def test_learning_curves_notebook(sweep, monkeypatch, tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    from tests.integration.test_notebooks import NOTEBOOKS
+
+    monkeypatch.setenv("IGPO_LEARNING_SWEEP", str(sweep))
+    monkeypatch.setenv("IGPO_LEARNING_HARD", str(tmp_path / "none"))
+    monkeypatch.delenv("MPLBACKEND", raising=False)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    nb = nbformat.read(NOTEBOOKS / "04_learning_curves.ipynb", as_version=4)
+    NotebookClient(nb, kernel_name="python3", timeout=180, resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 1
+    text = "".join(o.get("text", "") for o in outputs)
+    line = next(t for t in text.splitlines() if t.startswith("learning_summary"))
+    assert parse_summary(line)["seeds"] == 1

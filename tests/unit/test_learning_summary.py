@@ -1,0 +1,199 @@
+"""igpo.learning: the summary line (round trip, missing keys), the curve crossing, the IG-weight curriculum,
+and the aggregation of a hand-made sweep directory with golden numbers (diff, steps_ratio, collapse_ratio)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from igpo.algorithm.config import AlgorithmConfig
+from igpo.learning import (
+    DONE,
+    EVAL_DIR,
+    SUMMARY_KEYS,
+    compare_arms,
+    curves,
+    eval_path,
+    format_summary,
+    is_done,
+    load_sweep,
+    parse_summary,
+    steps_to_reach,
+    zero_std_fraction,
+)
+
+LINE = ("learning_summary seeds=5 eval_episodes=2000 igpo_final=0.6120 grpo_final=0.5800 diff_ci_low=0.0010 "
+        "diff_ci_high=0.0630 steps_ratio=0.7500 collapse_ratio=0.1000")
+
+
+# ---- the summary line ------------------------------------------------------------------------------
+def test_summary_round_trip():
+    values = parse_summary(LINE)
+    assert values == {"seeds": 5, "eval_episodes": 2000, "igpo_final": 0.612, "grpo_final": 0.58,
+                      "diff_ci_low": 0.001, "diff_ci_high": 0.063, "steps_ratio": 0.75, "collapse_ratio": 0.1}
+    assert isinstance(values["seeds"], int) and isinstance(values["eval_episodes"], int)
+    assert format_summary(**values) == LINE
+    assert list(parse_summary(format_summary(**values, family="hard", final_step=80))) == [
+        *SUMMARY_KEYS, "family", "final_step"]
+
+
+def test_summary_keeps_inf_nan_and_extra_keys():
+    line = format_summary(**{**parse_summary(LINE), "steps_ratio": math.inf, "collapse_ratio": math.nan},
+                          hard_diff=-0.01234)
+    assert "steps_ratio=inf collapse_ratio=nan hard_diff=-0.0123" in line
+    back = parse_summary(line)
+    assert back["steps_ratio"] == math.inf and math.isnan(back["collapse_ratio"]) and back["hard_diff"] == -0.0123
+
+
+@pytest.mark.parametrize("key", SUMMARY_KEYS)
+def test_summary_missing_key_is_a_clear_error(key):
+    line = " ".join(t for t in LINE.split() if not t.startswith(f"{key}="))
+    with pytest.raises(ValueError, match=f"missing key.*'{key}'"):
+        parse_summary(line)
+    values = parse_summary(LINE)
+    del values[key]
+    with pytest.raises(ValueError, match=f"missing key.*'{key}'"):
+        format_summary(**values)
+
+
+def test_summary_rejects_other_lines():
+    with pytest.raises(ValueError, match="does not start with"):
+        parse_summary("demo_summary minutes=3")
+    with pytest.raises(ValueError, match="not key=value"):
+        parse_summary(LINE + " oops")
+
+
+# ---- steps to reach a target -----------------------------------------------------------------------
+def test_steps_to_reach_interpolates_between_eval_points():
+    assert steps_to_reach([0, 10, 20], [0.2, 0.5, 0.6], 0.4) == pytest.approx(20 / 3)
+    assert steps_to_reach([0, 10, 20], [0.2, 0.5, 0.6], 0.5) == pytest.approx(10.0)
+    assert steps_to_reach([0, 10, 20], [0.2, 0.5, 0.6], 0.1) == 0.0  # the shared start already reaches it
+    assert steps_to_reach([0, 10, 20], [0.2, 0.5, 0.6], 0.7) == math.inf
+    assert steps_to_reach([0, 10, 20], [0.2, 0.5, 0.45], 0.5) == pytest.approx(10.0)  # first crossing
+
+
+# ---- the curriculum --------------------------------------------------------------------------------
+def test_curriculum_weights_golden():
+    algo = AlgorithmConfig(name="c", ig_weight=1.0, ig_weight_final=0.5, outcome_weight=0.5, outcome_weight_final=1.0)
+    assert algo.scheduled
+    for p, ig, out in ((0.0, 1.0, 0.5), (0.5, 0.75, 0.75), (1.0, 0.5, 1.0), (1.7, 0.5, 1.0), (-1.0, 1.0, 0.5)):
+        w = algo.at_progress(p)
+        assert (w.ig_weight, w.outcome_weight) == (ig, out) and not w.scheduled
+    plain = AlgorithmConfig()
+    assert not plain.scheduled and plain.at_progress(0.3) is plain
+    with pytest.raises(ValueError, match="ig_weight_final"):
+        AlgorithmConfig(ig_weight=0.0, ig_weight_final=0.5)  # GRPO cannot switch the probe on mid-run
+
+
+def test_curriculum_reaches_the_advantages():
+    """turn_scores uses the weights at the given progress (same as the constant config at that point),
+    and refuses to guess the progress."""
+    from igpo.algorithm.scoring import turn_scores
+    from igpo.types import Episode, Question, Turn
+
+    q = Question(id="q", text="?", answers=["A"])
+
+    def ep(answer: str, n_search: int) -> Episode:
+        turns = [Turn(i, [1], [0.0], "", "search", "x") for i in range(n_search)]
+        turns.append(Turn(n_search, [1], [0.0], "", "answer", answer))
+        return Episode(question=q, group=0, prompt_ids=[1], turns=turns, finish="answer")
+
+    eps = [ep("A", 1), ep("B", 2), ep("A", 2), ep("B", 1)]
+    probes = [[-2.0, -0.5], [-2.0, -1.5, -1.0], [-2.0, -1.0, -0.2], [-2.0, -2.5]]
+    groups = torch.zeros(4, dtype=torch.long)
+    algo = AlgorithmConfig(name="c", ig_weight=1.0, ig_weight_final=0.5, outcome_weight=0.5, outcome_weight_final=1.0)
+    with pytest.raises(ValueError, match="no training progress"):
+        turn_scores(eps, probes, groups, algo)
+    _, adv, stats = turn_scores(eps, probes, groups, algo, progress=0.5)
+    _, want, _ = turn_scores(eps, probes, groups, AlgorithmConfig(name="c", ig_weight=0.75, outcome_weight=0.75))
+    assert torch.equal(adv, want)
+    assert stats["algo/ig_weight"] == 0.75 and stats["algo/outcome_weight"] == 0.75
+    _, adv0, _ = turn_scores(eps, probes, groups, algo, progress=0.0)
+    assert not torch.equal(adv0, adv)
+
+
+# ---- a hand-made sweep -----------------------------------------------------------------------------
+TWO_HOP = {  # per-question EM (mean over samples) of each arm at each step; identical for both seeds
+    "igpo": {0: [0.0, 0.5, 0.5, 0.0], 10: [0.5, 0.5, 1.0, 0.0], 20: [0.5, 0.5, 1.0, 0.4]},
+    "grpo": {0: [0.0, 0.5, 0.5, 0.0], 10: [0.0, 0.5, 0.5, 0.2], 20: [0.3, 0.3, 0.8, 0.2]},
+}
+ONE_HOP = {"igpo": [1.0, 0.5], "grpo": [0.5, 0.5]}
+ZERO_STD = {"igpo": [0.1, 0.1, 0.1], "grpo": [0.3, 0.5, 0.4]}
+
+
+def write_point(job: Path, arm: str, seed: int, step: int, questions: dict[str, tuple[int, float]],
+                samples: int = 2) -> None:
+    """One eval-point file as HeldoutEval writes it (only the fields the aggregation reads, plus hops)."""
+    per_q = {qid: {"hops": h, "n": samples, "em": em, "f1": em, "format_ok": 1.0, "searches": float(h)}
+             for qid, (h, em) in questions.items()}
+    hops = {str(h): {"questions": sum(1 for v in per_q.values() if v["hops"] == h)} for h in {h for h, _ in
+                                                                                              questions.values()}}
+    rec = {"format": 1, "step": step, "seed": seed, "algorithm": arm, "samples": samples, "hops": hops,
+           "questions": per_q, "protocol": None}
+    path = eval_path(job, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec))
+
+
+def make_sweep(root: Path, seeds=(0, 1), with_tb: bool = True) -> Path:
+    from torch.utils.tensorboard import SummaryWriter
+
+    for arm in ("igpo", "grpo"):
+        for seed in seeds:
+            job = root / f"{arm}_seed{seed}"
+            for step, ems in TWO_HOP[arm].items():
+                qs = {f"2h-{i}": (2, em) for i, em in enumerate(ems)}
+                qs |= {f"1h-{i}": (1, em if step else 0.5) for i, em in enumerate(ONE_HOP[arm])}
+                write_point(job, arm, seed, step, qs)
+            (job / EVAL_DIR / DONE).write_text(json.dumps({"max_steps": 20}))
+            if with_tb:
+                w = SummaryWriter(str(job / "tb"))
+                for s, v in enumerate(ZERO_STD[arm]):
+                    w.add_scalar("adv/zero_std_group_frac", v, s)
+                w.close()
+    return root
+
+
+def test_aggregation_golden(tmp_path):
+    sweep = make_sweep(tmp_path / "sweep")
+    df = load_sweep(sweep)
+    assert len(df) == 2 * 2 * 3 * 6 and set(df.arm) == {"igpo", "grpo"} and df.done.all()
+    assert is_done(sweep / "igpo_seed0", 20) and not is_done(sweep / "igpo_seed0", 30)
+    cmp = compare_arms(df, "igpo", "grpo", zero_std_fraction(sweep), n_boot=2000)
+    assert cmp.final_step == 20 and cmp.seeds == 2
+    assert cmp.episodes == 2 * 4 * 2 and cmp.episodes_all == 2 * 6 * 2  # seeds x questions x samples
+    assert cmp.a_final.mean == pytest.approx(0.6) and cmp.b_final.mean == pytest.approx(0.4)
+    # the per-question difference is 0.2 for every question and seed: every bootstrap replicate is 0.2
+    assert (cmp.diff.mean, cmp.diff.lo, cmp.diff.hi) == pytest.approx((0.2, 0.2, 0.2))
+    # IGPO's seed-mean 2-hop curve 0.25, 0.5, 0.6 at steps 0, 10, 20 reaches GRPO's final 0.4 at step
+    # 0 + (0.4 - 0.25) / (0.5 - 0.25) * 10 = 6; GRPO's final step is 20
+    assert cmp.steps_ratio == pytest.approx(6 / 20)
+    assert cmp.collapse_ratio == pytest.approx(0.1 / 0.4)
+    summary = parse_summary(cmp.summary(family="base"))
+    assert summary["seeds"] == 2 and summary["igpo_final"] == 0.6 and summary["steps_ratio"] == 0.3
+    assert "powered" in cmp.power(0.04)
+
+
+def test_aggregation_curves_and_power_advice(tmp_path):
+    sweep = make_sweep(tmp_path / "sweep", seeds=(0,), with_tb=False)
+    df = load_sweep(sweep)
+    c = curves(df, n_boot=500)
+    row = c[(c.arm == "igpo") & (c.hop == "multi") & (c.step == 20)].iloc[0]
+    assert row["mean"] == pytest.approx(0.6) and row.lo < 0.6 < row.hi and row.seeds == 1 and row.questions == 4
+    one = c[(c.arm == "grpo") & (c.hop == "1")]
+    assert list(one["mean"]) == pytest.approx([0.5, 0.5, 0.5])
+    cmp = compare_arms(df, "igpo", "grpo", zero_std_fraction(sweep))
+    assert math.isnan(cmp.collapse_ratio)  # no scalars: NaN, not a made-up number
+    # make the diff noisy: one question flips sign
+    df.loc[(df.arm == "grpo") & (df.step == 20) & (df.question == "2h-2"), "em"] = 1.0
+    noisy = compare_arms(df, "igpo", "grpo", n_boot=2000)
+    assert noisy.diff.lo < noisy.diff.mean < noisy.diff.hi and noisy.diff.half_width > 0.04
+    advice = noisy.power(0.04)
+    factor = (noisy.diff.half_width / 0.04) ** 2
+    assert f"{math.ceil(factor)} seeds" in advice and f"{math.ceil(4 * factor)} multi-hop questions" in advice
+    with pytest.raises(ValueError, match="no eval points of arm 'ig_only'"):
+        compare_arms(df, "ig_only", "grpo")
