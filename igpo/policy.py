@@ -20,7 +20,7 @@ import contextlib
 import random
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -94,6 +94,9 @@ class IGPOPolicy(L.LightningModule):
         self.precision_settings = precision or PrecisionSettings()
         self.log_entropy, self.head_chunk_size = log_entropy, head_chunk_size
         self.guard = NonFiniteGuard(max_consecutive_skips)
+        # test hook (tests/integration/test_nonfinite.py): (step, log-probs [b, L]) -> log-probs, applied to the
+        # update's log-probs before the non-finite guard sees them; None in every real run
+        self._inject: Callable[[int, torch.Tensor], torch.Tensor] | None = None
         self.optimizer_steps = 0
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the adapter only
@@ -223,6 +226,8 @@ class IGPOPolicy(L.LightningModule):
             with autocast:
                 logprobs, entropy = token_logprobs_at(self.model, tok, att, mask.bool(), with_entropy=need_entropy,
                                                       chunk_size=self.head_chunk_size)
+            if self._inject is not None:
+                logprobs = self._inject(step, logprobs)
             sub_ids = [ids[int(i)] for i in sub_idx]
             if self.guard.check(step, {"logprobs": logprobs}, mask, sub_ids).skip:
                 return {"skip": 1.0}
@@ -260,6 +265,9 @@ class IGPOPolicy(L.LightningModule):
         for source, rs in sorted(self._val.items()):
             for k in ("em", "f1"):
                 logs[f"val/{source}/{k}"] = float(np.mean([r[k] for r in rs]))
+        # at the number of rollout steps done, inside fit as after it (Lightning would log an in-fit
+        # validation at the last batch's index, one less); "step" sets the logged step, it is not a scalar
+        logs["step"] = float(self.global_step)
         self.log_dict(logs, on_step=False, on_epoch=True)
         self._val.clear()
 

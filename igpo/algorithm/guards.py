@@ -101,8 +101,11 @@ class NonFiniteGuard:
 
     Call `check` before `optimizer.step()` (and before any update, for the step's inputs); on
     `verdict.skip` zero the gradients and do not step, so weights and optimizer state stay untouched.
-    `max_consecutive_skips=0` raises at the first bad step. Log `skipped_steps` as `train/skipped_steps`;
-    `state_dict`/`load_state_dict` keep the counters across a resume.
+    A step is bad when any of its checks found something, good when none did: whether it was good is
+    known only when the next step's first check comes (a step's clean input check followed by a bad
+    mini-batch is a bad step, and does not end a run of bad steps). `max_consecutive_skips=0` raises at
+    the first bad step. Log `skipped_steps` as `train/skipped_steps`; `state_dict`/`load_state_dict` keep
+    the counters across a resume.
     """
 
     def __init__(self, max_consecutive_skips: int = 3) -> None:
@@ -110,32 +113,46 @@ class NonFiniteGuard:
             raise ValueError(f"NonFiniteGuard: max_consecutive_skips must be >= 0, got {max_consecutive_skips}")
         self.max_consecutive_skips = max_consecutive_skips
         self.skipped_steps = 0
-        self.consecutive: list[int] = []  # steps of the current run of bad steps
-        self._bad_step: int | None = None  # the last step found bad (a step counts once)
+        self._run: list[int] = []  # bad steps in a row, up to the step before `_step`
+        self._step: int | None = None  # the step of the latest check
+        self._step_bad = False  # whether any check of `_step` found non-finite values
+
+    @property
+    def consecutive(self) -> list[int]:
+        """The current run of bad steps, ending at the current step (empty while it is clean so far)."""
+        return [*self._run, self._step] if self._step_bad else []
 
     def check(
         self, step: int, tensors: Mapping[str, TensorLike], loss_mask: torch.Tensor | None = None,
         episode_ids: Sequence | None = None,
     ) -> Verdict:
+        if step != self._step:  # a new step: the previous one is over, good or bad
+            if self._step is not None:
+                self._run = [*self._run, self._step] if self._step_bad else []
+            self._step, self._step_bad = step, False
         findings = find_non_finite(tensors, loss_mask, episode_ids)
         if not findings:
-            if self._bad_step != step:
-                self.consecutive.clear()  # a good step ends a run of bad ones
             return Verdict(False)
-        if self._bad_step != step:
-            self._bad_step = step
+        if not self._step_bad:  # a step counts once, whatever the number of bad checks in it
+            self._step_bad = True
             self.skipped_steps += 1
-            self.consecutive.append(step)
         if len(self.consecutive) > self.max_consecutive_skips:
             raise NonFiniteError(step, findings, self.consecutive)
         return Verdict(True, tuple(findings))
 
     def state_dict(self) -> dict:
-        return {"skipped_steps": self.skipped_steps, "consecutive": list(self.consecutive),
-                "bad_step": self._bad_step}
+        return {"skipped_steps": self.skipped_steps, "run": list(self._run), "step": self._step,
+                "step_bad": self._step_bad}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.consecutive = [int(s) for s in state.get("consecutive", [])]
-        bad = state.get("bad_step")
-        self._bad_step = None if bad is None else int(bad)
+        if "run" in state:
+            self._run = [int(s) for s in state["run"]]
+            self._step = None if state.get("step") is None else int(state["step"])
+            self._step_bad = bool(state.get("step_bad", False))
+            return
+        # the first format: `consecutive` (the run, including the last bad step) and `bad_step`
+        run, bad = [int(s) for s in state.get("consecutive", [])], state.get("bad_step")
+        self._run, self._step, self._step_bad = [], None, False
+        if run and bad is not None and run[-1] == int(bad):
+            self._run, self._step, self._step_bad = run[:-1], int(bad), True

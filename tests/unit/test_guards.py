@@ -109,3 +109,35 @@ def test_zero_skips_allowed_raises_at_once_and_state_round_trips() -> None:
     assert g2.check(1, {"loss": math.nan}).skip and g2.skipped_steps == 1  # same step: not counted again
     with pytest.raises(ValueError):
         NonFiniteGuard(-1)
+
+
+def test_a_clean_input_check_does_not_end_a_run_of_bad_steps() -> None:
+    """As in training_step: every step checks its inputs (clean) first, then a mini-batch finds NaN
+    log-probs. K+1 such steps in a row stop the run; a fully clean step in between resets the run."""
+    g = NonFiniteGuard(max_consecutive_skips=2)
+    for step in (0, 1):
+        assert not g.check(step, clean(), MASK).skip
+        assert g.check(step, {"logprobs": torch.full((3, 4), math.nan)}, MASK).skip
+    assert g.consecutive == [0, 1]
+    assert not g.check(2, clean(), MASK).skip and not g.check(2, {"loss": 0.1}).skip  # step 2 is good
+    for step in (3, 4):
+        g.check(step, clean(), MASK)
+        g.check(step, {"loss": math.nan})
+    assert g.consecutive == [3, 4] and g.skipped_steps == 4
+    state = g.state_dict()
+    g.check(5, clean(), MASK)
+    with pytest.raises(NonFiniteError, match=r"step 5 .*\[3, 4, 5\]"):
+        g.check(5, {"logprobs": torch.full((3, 4), math.nan)}, MASK, ["a", "b", "c"])
+    resumed = NonFiniteGuard(max_consecutive_skips=2)  # the same after a resume from the state after step 4
+    resumed.load_state_dict(state)
+    resumed.check(5, clean(), MASK)
+    with pytest.raises(NonFiniteError, match="step 5"):
+        resumed.check(5, {"loss": math.inf})
+
+
+def test_first_state_format_still_loads() -> None:
+    g = NonFiniteGuard(2)
+    g.load_state_dict({"skipped_steps": 2, "consecutive": [6, 7], "bad_step": 7})
+    assert g.consecutive == [6, 7] and g.skipped_steps == 2
+    with pytest.raises(NonFiniteError, match=r"\[6, 7, 8\]"):
+        g.check(8, {"loss": math.nan})
