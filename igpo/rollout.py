@@ -2,18 +2,26 @@
 
 Each turn samples one action for every active episode in one generator call, runs all searches of
 the turn in one `search_batch`, and appends the observation tokens. The training sequence is exactly
-the sampled tokens plus the observation tokens (no decode → re-tokenise round trip).
+the sampled tokens plus the observation tokens (no decode → re-tokenise round trip). With a sampling
+seed, turn t samples with `seed + t * TURN_SEED_STRIDE` (the engines seed prompt i with `seed + i`), so
+the draws of different turns are not the same random stream.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from igpo.generator.base import Generator, SamplingConfig
 from igpo.prompts import ChatPieces, Protocol, observation_ids, parse_action, prompt_ids
 from igpo.retriever.base import Retriever
 from igpo.types import Episode, Question, Turn
+
+TURN_SEED_STRIDE = 1_000_003  # > any batch size: turn t's per-prompt seeds never meet turn t+1's
+
+
+class RetrieverContractError(RuntimeError):
+    """A retriever's `search_batch` did not return one result list per query."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,7 @@ class RolloutStats:
     search_s: float = 0.0
     searches: int = 0
     search_failures: int = 0
+    empty_results: int = 0  # searches that returned no document ("No results." observations)
     tokens_generated: int = 0
     extra: dict[str, float] = field(default_factory=dict)
 
@@ -65,7 +74,7 @@ class RolloutRunner:
             if not active:
                 break
             t0 = time.perf_counter()
-            gens = self.generator.generate([e.token_ids for e in active], sampling)
+            gens = self.generator.generate([e.token_ids for e in active], turn_sampling(sampling, turn))
             stats.generate_s += time.perf_counter() - t0
             searching: list[tuple[Episode, Turn]] = []
             for ep, gen in zip(active, gens, strict=True):
@@ -94,7 +103,15 @@ class RolloutRunner:
     def _search(self, searching: list[tuple[Episode, Turn]], stats: RolloutStats) -> None:
         t0 = time.perf_counter()
         failures_before = getattr(self.retriever, "failures", 0)
-        results = self.retriever.search_batch([t.content for _, t in searching], self.config.top_k)
+        queries = [t.content for _, t in searching]
+        results = self.retriever.search_batch(queries, self.config.top_k)
+        if results is None or len(results) != len(queries):
+            got = "None" if results is None else f"{len(results)} result lists"
+            raise RetrieverContractError(
+                f"{type(self.retriever).__name__}.search_batch returned {got} for {len(queries)} queries; it must "
+                f"return one list of documents per query, in order (an empty list when nothing matches). First "
+                f"queries: {queries[:3]}")
+        stats.empty_results += sum(1 for docs in results if not docs)
         stats.search_failures += getattr(self.retriever, "failures", 0) - failures_before
         stats.search_s += time.perf_counter() - t0
         stats.searches += len(searching)
@@ -109,3 +126,10 @@ class RolloutRunner:
             if text.endswith(eos):
                 return text[: -len(eos)]
         return text
+
+
+def turn_sampling(sampling: SamplingConfig, turn: int) -> SamplingConfig:
+    """The sampling of turn `turn`: its own seed (`seed + turn * TURN_SEED_STRIDE`) when a seed is set."""
+    if sampling.seed is None or turn == 0:
+        return sampling
+    return replace(sampling, seed=sampling.seed + turn * TURN_SEED_STRIDE)

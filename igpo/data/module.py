@@ -113,6 +113,16 @@ class RolloutDataModule(L.LightningDataModule):
         base = self.seed if self.sampling.seed is None else self.sampling.seed
         return replace(self.sampling, seed=random.Random(base * 1_000_003 + step).getrandbits(31))
 
+    def val_sampling(self, step: int, chunk: int) -> SamplingConfig:
+        """Sampling of validation chunk `chunk` after `step` training steps. Greedy (no seed) by default;
+        with `val_temperature` > 0 its seed is a pure function of (seed, step, chunk), so a resumed run
+        validates on the same samples as the uninterrupted one."""
+        sampling = replace(self.sampling, temperature=self.val_temperature)
+        if self.val_temperature <= 0:
+            return replace(sampling, seed=None)
+        base = self.seed if self.sampling.seed is None else self.sampling.seed
+        return replace(sampling, seed=random.Random(f"val:{base}:{step}:{chunk}").getrandbits(31))
+
     def rollout_batch(self, step: int) -> RolloutBatch:
         questions = self.questions_for_step(step)
         t0 = time.perf_counter()
@@ -121,6 +131,7 @@ class RolloutDataModule(L.LightningDataModule):
         batch.stats.update({
             "time/rollout_s": time.perf_counter() - t0,
             "episode/search_failures": float(stats.search_failures),
+            "episode/empty_results": float(stats.empty_results),
             "episode/tokens_generated": float(stats.tokens_generated),
         })
         self.last_episodes = episodes
@@ -171,11 +182,12 @@ class _ValStream(IterableDataset):
         return -(-len(self.dm.val_set) // self.dm.val_batch_size)
 
     def __iter__(self) -> Iterator[RolloutBatch]:
-        """Greedy by default; `val_temperature` > 0 samples `val_samples` episodes per question."""
+        """Greedy by default; `val_temperature` > 0 samples `val_samples` episodes per question, seeded by
+        (seed, steps done, chunk): see `RolloutDataModule.val_sampling`."""
         dm = self.dm
-        sampling = replace(dm.sampling, temperature=dm.val_temperature)
         qs = dm.val_set
         for s in range(0, len(qs), dm.val_batch_size):
+            sampling = dm.val_sampling(dm.steps_done, s // dm.val_batch_size)
             eps, _ = dm.runner.run(qs[s: s + dm.val_batch_size], dm.val_samples, sampling, group_offset=s)
             yield RolloutBatch.from_episodes(eps, dm.tokenizer.pad_token_id)
 

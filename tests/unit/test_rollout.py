@@ -114,3 +114,86 @@ def test_context_budget_ends_episode(tiny_tokenizer):
     eps, _ = RolloutRunner(gen, FixedRetriever(), tiny_tokenizer, config=cfg).run(
         [Question("a", "A?", ["K"])], 1, SamplingConfig(max_new_tokens=16))
     assert eps[0].finish == "max_turns" and len(gen.calls) < 4
+
+
+class SeedRecorder(ScriptedGenerator):
+    def generate(self, prompts, sampling):
+        self.seeds = [*getattr(self, "seeds", []), sampling.seed]
+        return super().generate(prompts, sampling)
+
+
+def test_each_turn_samples_with_its_own_seed(tiny_tokenizer):
+    """Without per-turn seeds, prompt i of every turn would draw from the same stream (seed + i)."""
+    from igpo.rollout import TURN_SEED_STRIDE, turn_sampling
+
+    search = "<think>x</think><search>Q</search>"
+    gen = SeedRecorder(tiny_tokenizer, [search, search, search])
+    runner = RolloutRunner(gen, FixedRetriever(), tiny_tokenizer, config=RolloutConfig(max_turns=3, top_k=1))
+    runner.run([Question("a", "A?", ["K"])], 2, SamplingConfig(seed=77))
+    assert gen.seeds == [77, 77 + TURN_SEED_STRIDE, 77 + 2 * TURN_SEED_STRIDE]
+    unseeded = SeedRecorder(tiny_tokenizer, [search, search])
+    RolloutRunner(unseeded, FixedRetriever(), tiny_tokenizer, config=RolloutConfig(max_turns=2, top_k=1)).run(
+        [Question("a", "A?", ["K"])], 1, SamplingConfig())
+    assert unseeded.seeds == [None, None]
+    assert turn_sampling(SamplingConfig(seed=5, temperature=0.7), 2) == SamplingConfig(
+        seed=5 + 2 * TURN_SEED_STRIDE, temperature=0.7)
+
+
+class EmptyForSome(FixedRetriever):
+    def search_batch(self, queries, k):
+        full = super().search_batch(queries, k)
+        return [[] if "nothing" in q else docs for q, docs in zip(queries, full, strict=True)]
+
+
+def test_empty_search_results_are_counted(tiny_tokenizer):
+    script = [["<think>x</think><search>nothing here</search>", "<think>x</think><search>Andus</search>"]]
+    runner = RolloutRunner(ScriptedGenerator(tiny_tokenizer, script + [["<answer>K</answer>"] * 2]), EmptyForSome(),
+                           tiny_tokenizer, config=RolloutConfig(max_turns=2, top_k=1))
+    eps, stats = runner.run([Question("a", "A?", ["K"])], 2, SamplingConfig())
+    assert stats.searches == 2 and stats.empty_results == 1
+    assert eps[0].turns[0].docs == [] and eps[0].turns[0].obs_ids  # still observed ("No results.")
+
+
+class WrongCount(FixedRetriever):
+    def search_batch(self, queries, k):
+        return super().search_batch(queries, k)[:-1]
+
+
+def test_retriever_with_wrong_number_of_result_lists_is_a_clear_error(tiny_tokenizer):
+    from igpo.rollout import RetrieverContractError
+
+    gen = ScriptedGenerator(tiny_tokenizer, ["<think>x</think><search>Q</search>"])
+    runner = RolloutRunner(gen, WrongCount(), tiny_tokenizer, config=RolloutConfig(max_turns=2, top_k=1))
+    with pytest.raises(RetrieverContractError, match=r"WrongCount.search_batch returned 2 result lists for 3 queries"):
+        runner.run([Question("a", "A?", ["K"])], 3, SamplingConfig())
+
+
+class _RecordingRunner:
+    def __init__(self):
+        self.samplings = []
+
+    def run(self, questions, group_size, sampling, group_offset=0):
+        from igpo.types import Episode, Turn
+
+        self.samplings.append(sampling)
+        return [Episode(questions[0], 0, [1, 2], [Turn(0, [3], [0.0], "x", "answer", "A")], "answer")], None
+
+
+def test_sampled_validation_is_seeded_by_step_and_chunk(tiny_tokenizer):
+    """Sampled validation (val_temperature > 0) is a pure function of (seed, step, chunk): a run resumed
+    before a validation samples the same episodes; greedy validation carries no seed."""
+    from igpo.data.module import RolloutDataModule, _ValStream
+
+    def seeds(temperature, step, seed=0):
+        dm = RolloutDataModule([], None, None, "unused", val_temperature=temperature, val_batch_size=2, seed=seed)
+        dm.val_set = [Question(str(i), "Q?", ["A"]) for i in range(5)]
+        dm.runner, dm.tokenizer, dm.steps_done = _RecordingRunner(), tiny_tokenizer, step
+        list(_ValStream(dm))
+        assert all(s.temperature == temperature for s in dm.runner.samplings)
+        return [s.seed for s in dm.runner.samplings]
+
+    first = seeds(0.8, step=3)
+    assert len(first) == 3 and len(set(first)) == 3 and all(s is not None for s in first)
+    assert seeds(0.8, step=3) == first  # the same after a restart
+    assert seeds(0.8, step=6) != first and seeds(0.8, step=3, seed=1) != first
+    assert seeds(0.0, step=3) == [None, None, None]
