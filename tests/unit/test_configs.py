@@ -82,7 +82,7 @@ def check_pieces(pieces: dict[str, object]) -> None:
     assert callable(pieces["sync"].sync)
     assert isinstance(pieces["data"], RolloutDataModule) and pieces["data"].runner is None
     assert isinstance(pieces["trainer"], L.Trainer)
-    assert len(pieces["callbacks"]) == 4
+    assert len(pieces["callbacks"]) >= 4  # the default four; an experiment may add its own
 
 
 def test_qwen_experiments_extend_one_base():
