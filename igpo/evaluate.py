@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from igpo.algorithm.rewards import episode_metrics
 from igpo.callbacks import episode_record
 from igpo.data.questions import load_questions
-from igpo.generator.sync import NoSync
+from igpo.generator.sync import AdapterSync, NoSync
 from igpo.io import atomic_write
 from igpo.models.causal_lm import LoraSettings
 from igpo.protocol import (
@@ -315,6 +315,12 @@ def _push_checkpoint(cfg: DictConfig, generator: Any) -> dict[str, Any]:
     if isinstance(sync, NoSync) and not (callable(shares) and shares(policy.model)):
         raise ValueError("eval: ckpt_path is set, but sync=none would leave the generator on the base "
                          "weights; use sync=merged (full weights) or sync=adapter (vLLM with enable_lora)")
+    rank = (getattr(generator, "engine_args", None) or {}).get("max_lora_rank")
+    if isinstance(sync, AdapterSync) and policy.lora.enabled and rank is not None and policy.lora.r > int(rank):
+        r = policy.lora.r  # vLLM would refuse the adapter later, with a less direct message
+        raise ValueError(f"eval: {cfg.ckpt_path} holds a LoRA adapter of r={r}, but the generator serves "
+                         f"adapters up to max_lora_rank={rank} (which follows model.lora.r in the config); "
+                         f"set model.lora.r={r} or generator.max_lora_rank={r}")
     info["sync_s"] = round(float(sync.sync(policy.model, generator, 1)), 3)
     return info
 

@@ -330,6 +330,14 @@ def test_an_adapter_loads_with_the_lora_settings_it_was_trained_with(tmp_path, t
     ids = torch.tensor([[1, 5, 9, 3]])
     with torch.no_grad():  # same outputs: same weights and the same LoRA scale
         assert torch.allclose(policy.model(ids).logits, trained.model(ids).logits, atol=1e-6)
+    # an engine that serves adapters only up to a smaller rank is refused before it is asked
+    from types import SimpleNamespace
+
+    from igpo.evaluate import _push_checkpoint
+
+    small = SimpleNamespace(engine_args={"enable_lora": True, "max_lora_rank": 4})
+    with pytest.raises(ValueError, match=r"adapter of r=8, but the generator serves adapters up to max_lora_rank=4"):
+        _push_checkpoint(eval_cfg(tmp_path, tiny_model_dir, data, f"ckpt_path={ckpt}", "sync=adapter"), small)
     # the run records which adapter it evaluated, and with which settings
     run_eval(cfg)
     meta = json.loads((tmp_path / "out" / "eval_metrics.json").read_text())["meta"]
