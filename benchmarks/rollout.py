@@ -1,14 +1,22 @@
-"""Rollout-path benchmark: probe overhead (fast vs reference), vLLM vs transformers, sync share.
+"""Step-speed benchmark: where one RL step's time goes, and how close it is to its floor.
 
-Runs in one process on the offline tiny model (or `--model DIR` on a GPU box). Prints predictions
-first, then the measurements, and ends with exactly one line:
-`probe_overhead=<a> reference_probe_overhead=<b> vllm_speedup=<c> sync_share=<d>` where "rollout" is
-what a PPO step needs before the update without any probe: generation + the old-log-prob pass, and
- a = (generation + the packed pass, which yields the old log-probs AND all probes) / rollout,
- b = (rollout + the per-prefix reference probe, which cannot share that pass) / rollout,
- c = transformers time / vLLM time for the same per-turn prompt batches (same sampling settings),
- d = weight sync seconds / whole RL step seconds (rollout + probe + reference + update + sync).
-Goals: a <= 1.10, c >= 1.5, d <= 0.02. Compare ratios measured in the same run only.
+Runs in one process on the offline SFT tiny model (or `--model DIR` on a GPU box), 16 questions x G=8,
+with the trainer's default precision (bf16 autocast for every pass) unless `--fp32`. Prints the
+prediction first, then the measurements (medians over `--repeats` after a warm-up), and ends with one
+line of ratios. Definitions (every time measured in this run, same questions and seeds):
+  generation   vLLM rollouts with bm25s searches;
+  floor        generation + one forward/backward over the same tokens (the on-policy update itself);
+  IGPO step    generation + packed probe + update + sync (kl_coef = 0: no reference pass);
+  IGPO+KL      the same + the reference pass (the paper's KL coefficient 0.001);
+  GRPO step    generation + update + sync (the cheapest correct GRPO: no probe, no old-log-prob pass);
+  step_vs_floor = IGPO step / floor (goal <= 1.2), step_vs_floor_kl = IGPO+KL / floor (goal <= 1.35),
+  igpo_vs_grpo_step = IGPO step / GRPO step (goal <= 1.15);
+  probe_overhead = (generation + packed pass with old log-probs) / (generation + old-log-prob pass) (<= 1.10),
+  reference_probe_overhead = the official per-prefix probe instead, vllm_speedup = transformers / vLLM on
+  the same per-turn prompt batches (>= 1.5), sync_share = merged-sync seconds / IGPO+KL step (<= 0.02);
+  ratio_dev_bf16 / ratio_dev_fp32 = mean |ratio - 1| of the first mini-batch when the old log-probs come from
+  the bf16 probe pass and the update runs in bf16 / fp32 (the off-policy path; on-policy the ratio is 1).
+Compare ratios measured in the same run only.
 """
 
 from __future__ import annotations
@@ -26,12 +34,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PREDICTION = """prediction (written before measuring):
-  a probe_overhead           ~1.05-1.3: the packed pass adds T short probe blocks to the old-log-prob
-                               pass PPO runs anyway
-  b reference_probe_overhead ~1.5-2.5: T separate prefix encodings per episode (the official cost)
-  c vllm_speedup             ~1.5-1.8 (environment.md: 1.8x on the tiny model, bf16, 64x64 tokens)
-  d sync_share               ~0.005: merged push is ~0.02 s vs a multi-second step"""
+PREDICTION = """prediction (written before measuring; bf16 autocast, log-softmax only at policy tokens):
+  step_vs_floor      ~1.25: the packed probe is one forward (~1/3 of the update's forward+backward) over the
+                       trajectory plus short probe blocks, but its 4D block mask keeps sdpa on its slower path
+  step_vs_floor_kl   ~1.45: the reference pass adds another forward
+  igpo_vs_grpo_step  ~1.25: the same probe forward over a GRPO step that is generation + update only
+  probe_overhead     ~1.05-1.15 (as before: the packed pass also yields the old log-probs)
+  vllm_speedup       ~2-3 (as before), sync_share ~0.005
+  ratio_dev          bf16 update ~1e-2, fp32 update ~1e-2 (the old log-probs themselves are bf16)"""
 
 
 def main() -> None:
@@ -42,16 +52,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--fp32", action="store_true", help="fp32 scoring and update instead of bf16 autocast")
     args = ap.parse_args()
+    bf16 = not args.fp32
     print(PREDICTION, flush=True)
 
+    from igpo.algorithm.config import AlgorithmConfig
     from igpo.algorithm.probe import packed_probe, probe_inputs_from_episodes, reference_probe
+    from igpo.algorithm.scoring import ScoringPlan, score_batch
     from igpo.data.questions import load_questions
     from igpo.generator.base import SamplingConfig
     from igpo.generator.hf import HFGenerator
     from igpo.generator.sync import MergedSync
     from igpo.generator.vllm import VLLMGenerator
-    from igpo.policy import IGPOPolicy, LoraSettings
+    from igpo.policy import IGPOPolicy, LoraSettings, PrecisionSettings
     from igpo.retriever.bm25 import BM25Retriever
     from igpo.rollout import RolloutConfig, RolloutRunner
     from igpo.run import compose_config, prepare_assets
@@ -68,7 +82,8 @@ def main() -> None:
     retriever.setup()
     vllm_gen = VLLMGenerator(model_dir, dtype=args.dtype, max_model_len=1024, seed=0)
     vllm_gen.setup()
-    policy = IGPOPolicy(model_dir, lora=LoraSettings(r=16, alpha=32))
+    prec = "bf16" if bf16 else "fp32"
+    policy = IGPOPolicy(model_dir, lora=LoraSettings(r=16, alpha=32), precision=PrecisionSettings(prec, prec, prec))
     policy.configure_model()
     policy.model.to(args.device)
     tok = vllm_gen.tokenizer
@@ -83,19 +98,21 @@ def main() -> None:
         batch = RolloutBatch.from_episodes(episodes, tok.pad_token_id).to(args.device)
         bounds, parts = probe_inputs_from_episodes(episodes, tok, runner.pieces, runner.protocol)
         model = policy.model.eval()
-        with torch.no_grad():
+        sel = batch.loss_mask.bool()
+        autocast = torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=bf16)
+        with torch.no_grad(), autocast:
             t0 = time.perf_counter()
-            for s in range(0, len(episodes), 16):
+            for s in range(0, len(episodes), 16):  # probes + old log-probs at policy tokens (off-policy scoring)
                 packed_probe(model, batch.input_ids[s: s + 16], batch.attention_mask[s: s + 16],
-                             bounds[s: s + 16], parts[s: s + 16])
+                             bounds[s: s + 16], parts[s: s + 16], token_mask=sel[s: s + 16])
             t_fast = time.perf_counter() - t0
             t0 = time.perf_counter()
             reference_probe(model, batch.input_ids, batch.attention_mask, bounds, parts, batch_size=16)
             t_ref = time.perf_counter() - t0
             t0 = time.perf_counter()
-            for s in range(0, len(episodes), 16):  # the old-log-prob pass alone (what PPO needs anyway)
+            for s in range(0, len(episodes), 16):  # the old-log-prob pass alone (what off-policy PPO needs)
                 policy.forward_logprobs(batch.input_ids[s: s + 16], batch.attention_mask[s: s + 16],
-                                        with_entropy=False)
+                                        with_entropy=False, select=sel[s: s + 16])
             t_plain = time.perf_counter() - t0
         if rep:
             rollout_s.append(t_roll)
@@ -119,35 +136,81 @@ def main() -> None:
     print(f"same {len(turn_batches)} turn batches ({sum(map(len, turn_batches))} prompts, greedy): "
           f"vLLM {t_vllm:.2f}s, transformers {t_hf:.2f}s")
 
-    # (d) one RL step's parts: update (fwd+bwd over the batch) and merged sync
-    policy.model.train()
-    opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=1e-5)
-    t0 = time.perf_counter()
-    for s in range(0, len(batch), 16):
-        lp, _ = policy.forward_logprobs(batch.input_ids[s: s + 16], batch.attention_mask[s: s + 16])
-        (-(lp * batch.loss_mask[s: s + 16]).sum()).backward()
-    opt.step()
-    t_update = time.perf_counter() - t0
-    with torch.no_grad(), policy.reference():
-        t0 = time.perf_counter()
-        for s in range(0, len(batch), 16):
-            policy.forward_logprobs(batch.input_ids[s: s + 16], batch.attention_mask[s: s + 16], with_entropy=False)
-        t_refpass = time.perf_counter() - t0
+    # (d) the step's parts through the trainer's own code: score_batch (IGPO / IGPO+KL / GRPO) and the update
+    algo_ig, algo_kl = AlgorithmConfig(kl_coef=0.0), AlgorithmConfig()
+    algo_grpo = AlgorithmConfig(ig_weight=0.0, kl_coef=0.0)
+    parts_ids = probe_inputs_from_episodes(batch.episodes, tok, runner.pieces, runner.protocol)[1]
+    score_t: dict[str, list[float]] = {"igpo": [], "igpo_kl": [], "grpo": []}
+    update_t: list[float] = []
+    for _ in range(args.repeats):
+        for name, algo in (("igpo", algo_ig), ("igpo_kl", algo_kl), ("grpo", algo_grpo)):
+            plan = ScoringPlan.for_config(algo, on_policy=True, bf16=bf16, chunk_size=16)
+            t0 = time.perf_counter()
+            scores = score_batch(batch, policy.model, algo, plan, probe_parts=parts_ids if plan.probe else None,
+                                 reference=policy.reference)
+            score_t[name].append(time.perf_counter() - t0)
+        batch.scores = scores
+        update_t.append(_update(policy, batch))
+    s_ig, s_kl, s_grpo = (statistics.median(score_t[k]) for k in ("igpo", "igpo_kl", "grpo"))
+    t_update = statistics.median(update_t)
     syncs = [MergedSync().sync(policy.model, vllm_gen, v) for v in range(1, 4)]
     t_sync = statistics.median(syncs)
-    step = roll + fast + t_refpass + t_update + t_sync  # the packed pass replaces the old-log-prob pass
-    print(f"RL step parts: rollout {roll:.2f}s, probe {fast:.2f}s, reference pass {t_refpass:.2f}s, "
-          f"update {t_update:.2f}s, sync {t_sync:.3f}s -> step {step:.2f}s")
+    floor = roll + t_update
+    igpo = roll + s_ig + t_update + t_sync
+    igpo_kl = roll + s_kl + t_update + t_sync
+    grpo = roll + s_grpo + t_update + t_sync
+    print(f"RL step parts: generation {roll:.2f}s, probe {s_ig:.2f}s, probe+reference {s_kl:.2f}s, GRPO scoring "
+          f"{s_grpo:.3f}s, update {t_update:.2f}s, sync {t_sync:.3f}s -> IGPO {igpo:.2f}s, IGPO+KL {igpo_kl:.2f}s, "
+          f"GRPO {grpo:.2f}s, floor {floor:.2f}s")
+
+    # (e) precision: |ratio - 1| of the first mini-batch when π_old comes from the bf16 probe pass
+    plan = ScoringPlan.for_config(algo_kl, on_policy=False, bf16=True, chunk_size=16)
+    off = score_batch(batch, policy.model, algo_kl, plan, probe_parts=parts_ids, reference=policy.reference)
+    dev = {p: _ratio_dev(policy, batch, off.old_logprobs, p) for p in ("bf16", "fp32")}
+    print(f"mean |ratio - 1| on the first mini-batch, old log-probs from the bf16 probe pass: update bf16 "
+          f"{dev['bf16']:.2e}, update fp32 {dev['fp32']:.2e}")
     vllm_gen.close()
     retriever.close()
     base = roll + plain
-    a, b, c, d = (roll + fast) / base, (base + ref) / base, t_hf / t_vllm, t_sync / step
-    print(f"\nmeasured: a={a:.3f} (goal <= 1.10)  b={b:.3f}  c={c:.2f} (goal >= 1.5)  d={d:.4f} (goal <= 0.02)")
-    print(f"  against generation alone (no old-log-prob pass): packed {(roll + fast) / roll:.2f}x, "
-          f"reference {(roll + ref) / roll:.2f}x -- on this CPU the trainer's fp32 forward, not vLLM, dominates")
-    print(f"device={args.device} dtype={args.dtype} model={model_dir} threads={torch.get_num_threads()} "
-          f"cpus={os.cpu_count()}")
-    print(f"probe_overhead={a:.3f} reference_probe_overhead={b:.3f} vllm_speedup={c:.2f} sync_share={d:.4f}")
+    a, b, c, d = (roll + fast) / base, (base + ref) / base, t_hf / t_vllm, t_sync / igpo_kl
+    r1, r2, r3 = igpo / floor, igpo_kl / floor, igpo / grpo
+    print(f"\nmeasured: step_vs_floor={r1:.3f} (goal <= 1.2)  step_vs_floor_kl={r2:.3f} (goal <= 1.35)  "
+          f"igpo_vs_grpo_step={r3:.3f} (goal <= 1.15)")
+    print(f"          a={a:.3f} (goal <= 1.10)  b={b:.3f}  c={c:.2f} (goal >= 1.5)  d={d:.4f} (goal <= 0.02)")
+    print(f"device={args.device} dtype={args.dtype} precision={'bf16' if bf16 else 'fp32'} model={model_dir} "
+          f"threads={torch.get_num_threads()} cpus={os.cpu_count()} load_avg={os.getloadavg()[0]:.1f}")
+    print(f"probe_overhead={a:.3f} reference_probe_overhead={b:.3f} vllm_speedup={c:.2f} sync_share={d:.4f} "
+          f"step_vs_floor={r1:.3f} step_vs_floor_kl={r2:.3f} igpo_vs_grpo_step={r3:.3f} "
+          f"ratio_dev_bf16={dev['bf16']:.2e} ratio_dev_fp32={dev['fp32']:.2e}")
+
+
+def _update(policy, batch) -> float:
+    """One on-policy update exactly as training_step runs it (micro-batches, backward, clip, AdamW step)."""
+    opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=1e-6)
+    policy.manual_backward = lambda loss: loss.backward()
+    policy.model.train()
+    t0 = time.perf_counter()
+    opt.zero_grad()
+    policy._accumulate(batch, torch.arange(len(batch)), 0, [str(i) for i in range(len(batch))])
+    torch.nn.utils.clip_grad_norm_([p for p in policy.model.parameters() if p.requires_grad], 1.0)
+    opt.step()
+    return time.perf_counter() - t0
+
+
+def _ratio_dev(policy, batch, old, precision: str) -> float:
+    from igpo.algorithm.logprobs import token_logprobs_at
+
+    mask = batch.loss_mask.bool()
+    total, n = 0.0, 0
+    with torch.no_grad(), torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16,
+                                         enabled=precision == "bf16"):
+        for s in range(0, len(batch), 16):
+            lp, _ = token_logprobs_at(policy.model, batch.input_ids[s: s + 16], batch.attention_mask[s: s + 16],
+                                      mask[s: s + 16])
+            m = mask[s: s + 16]
+            total += float((torch.exp(lp - old[s: s + 16]) - 1).abs()[m].sum())
+            n += int(m.sum())
+    return total / max(n, 1)
 
 
 class _Recorder:

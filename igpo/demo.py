@@ -1,101 +1,188 @@
 """`make demo`: the whole IGPO loop on the offline synthetic world, on a CPU, in minutes.
 
-Builds (or reuses) the world, the tiny model and its SFT warm start, evaluates the SFT policy on
-held-out questions (greedy and sampled, 1-hop and 2-hop), runs IGPO with LoRA through the normal
-training path, evaluates again, and prints a before/after table. The last line is machine-readable:
-`demo_summary minutes=<m> em2_sampled_before=<x> em2_sampled_after=<y> em1_sampled_before=<x> em1_sampled_after=<y>`.
+Phases (each timed; the timing line is printed before the summary):
+  1. assets     — world, tokenizer + tiny model, SFT warm start (budgeted in optimizer steps; cached)
+  2. eval       — the SFT policy on held-out questions: greedy and sampled, 1-hop and 2-hop
+  3. rl         — IGPO with LoRA through the normal training path
+  4. eval       — the same questions and sampling seeds again
+Library logs (vLLM, Lightning, transformers, warnings) go to `<run dir>/demo.log`, not to the console.
+The last line is machine-readable:
+`demo_summary minutes=M sft_em1_greedy=X sft_em2_greedy=X em2_sampled_before=X em2_sampled_after=X
+em2_delta_ci_low=X em2_delta_ci_high=X ...` where the CI is a paired bootstrap over held-out questions.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import random
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from igpo.data.questions import load_questions
 from igpo.evaluate import POOLED, summarize
 from igpo.run import build
+from igpo.stats import bootstrap_diff, per_question
 from igpo.types import Episode, Question
 
 METRICS = ("em", "f1", "format_ok", "searches")
-
-
-def heldout_by_hop(path: str, per_hop: int, seed: int) -> dict[int, list[Question]]:
-    """`per_hop` held-out questions of each hop count (fixed sample for before/after)."""
-    by_hop: dict[int, list[Question]] = {}
-    for q in load_questions(path):
-        by_hop.setdefault(hops_of(q), []).append(q)
-    rng = random.Random(seed)
-    return {h: rng.sample(qs, min(per_hop, len(qs))) for h, qs in sorted(by_hop.items())}
 
 
 def hops_of(q: Question) -> int:
     return int(q.metadata.get("extra_info", {}).get("hops") or 0)  # written by igpo.data.world
 
 
-def evaluate(dm, questions: dict[int, list[Question]], samples: int, temperature: float) -> dict[str, dict]:
-    """Metrics per hop: greedy (one episode per question) and sampled (`samples` per question at T)."""
-    out: dict[str, dict] = {}
+def heldout_by_hop(path: str, per_hop: int | None, seed: int) -> dict[int, list[Question]]:
+    """Held-out questions of each hop count (all of them, or a fixed sample of `per_hop`)."""
+    by_hop: dict[int, list[Question]] = {}
+    for q in load_questions(path):
+        by_hop.setdefault(hops_of(q), []).append(q)
+    rng = random.Random(seed)
+    return {h: (qs if per_hop is None else rng.sample(qs, min(per_hop, len(qs)))) for h, qs in sorted(by_hop.items())}
+
+
+def evaluate_policy(dm, questions: dict[int, list[Question]], samples: int, temperature: float,
+                    seed: int) -> dict[str, list[Episode]]:
+    """Episodes per hop: greedy (one per question) and sampled (`samples` per question at T, seeded)."""
+    out: dict[str, list[Episode]] = {}
     for hop, qs in questions.items():
-        greedy = dm.evaluate(qs, replace(dm.sampling, temperature=0.0), 1)
-        sampled = dm.evaluate(qs, replace(dm.sampling, temperature=temperature), samples)
-        out[f"{hop}hop/greedy"] = _mean(greedy)
-        out[f"{hop}hop/sampled"] = _mean(sampled)
+        out[f"{hop}hop/greedy"] = dm.evaluate(qs, replace(dm.sampling, temperature=0.0, seed=seed), 1)
+        out[f"{hop}hop/sampled"] = dm.evaluate(qs, replace(dm.sampling, temperature=temperature, seed=seed), samples)
     return out
 
 
 def _mean(episodes: list[Episode]) -> dict[str, float]:
     pooled = summarize(episodes)[POOLED]  # the eval harness's definitions
-    return {k: pooled[k] for k in METRICS} | {"n": int(pooled["count"])}
+    return {k: pooled[k] for k in METRICS} | {"n": int(pooled["count"]), "questions": int(pooled["questions"])}
+
+
+def _em_by_question(episodes: list[Episode], questions: list[Question]) -> list[float]:
+    from igpo.algorithm.rewards import episode_metrics
+
+    scores = per_question((e.question.id, episode_metrics(e)["em"]) for e in episodes)
+    return [scores[q.id] for q in questions]
 
 
 def table(before: dict, after: dict) -> str:
-    head = "| eval | n | " + " | ".join(f"{m} before | {m} after" for m in METRICS) + " |"
-    lines = [head, "|" + "---|" * (2 + 2 * len(METRICS))]
+    head = "| held-out eval | episodes | " + " | ".join(f"{m} before → after" for m in METRICS) + " |"
+    lines = [head, "|" + "---|" * (2 + len(METRICS))]
     for key in before:
-        cells = [f"{before[key][m]:.3f} | {after[key][m]:.3f}" for m in METRICS]
+        cells = [f"{before[key][m]:.3f} → {after[key][m]:.3f}" for m in METRICS]
         lines.append(f"| {key} | {before[key]['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def run(cfg: DictConfig) -> str:
+def quiet_libraries(log_file: Path) -> None:
+    """Send library logs and warnings to `log_file`; keep the console for progress bars and results."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+            root.removeHandler(h)
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    for name in ("vllm", "lightning", "lightning.pytorch", "lightning.fabric", "transformers", "torch", "bm25s",
+                 "hydra", "igpo"):
+        lg = logging.getLogger(name)
+        lg.handlers = [handler]
+        lg.propagate = False
+    logging.captureWarnings(True)
+    warnings.simplefilter("default")
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.disable_default_handler()
+        hf_logging.add_handler(handler)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def run(cfg: DictConfig, out_dir: Path | None = None) -> str:
     t0 = time.perf_counter()
-    dm, policy, trainer = build(cfg)  # prepares world, tiny model and SFT warm start (cached by content)
-    prep_s = time.perf_counter() - t0
-    print(f"[demo] assets ready in {prep_s:.0f}s: model {cfg.assets.model}", flush=True)
+    out_dir = Path(out_dir or cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_file = out_dir / "demo.log"
+    quiet_libraries(log_file)
+    print(f"[demo] library logs: {log_file}", flush=True)
+    timing: dict[str, float] = {}
+
+    print("[demo] 1/4 assets: world, tiny model, SFT warm start (cached by content)", flush=True)
+    dm, policy, trainer = build(cfg)
+    timing["assets_s"] = time.perf_counter() - t0
+    manifest = _sft_manifest(cfg.assets.model)
+    sft_steps = int(manifest.get("stats", {}).get("steps", 0))
+    print(f"[demo]   model {cfg.assets.model} (SFT {sft_steps} steps) in {timing['assets_s']:.0f}s", flush=True)
+
     dm.setup("fit")
     questions = heldout_by_hop(cfg.assets.heldout_questions, cfg.demo.heldout_per_hop, cfg.seed)
     questions = {h: qs for h, qs in questions.items() if h in (1, 2)}
-    before = evaluate(dm, questions, cfg.demo.samples, cfg.demo.temperature)
-    print("[demo] evaluated the SFT policy", flush=True)
+    t1 = time.perf_counter()
+    print(f"[demo] 2/4 evaluate the SFT policy: {sum(map(len, questions.values()))} held-out questions", flush=True)
+    before = evaluate_policy(dm, questions, cfg.demo.samples, cfg.demo.temperature, cfg.seed + 1)
+    timing["eval_before_s"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    print(f"[demo] 3/4 {cfg.trainer.max_steps} {cfg.algorithm.name} steps "
+          f"({cfg.data.questions_per_step} questions x {cfg.data.group_size} episodes)", flush=True)
     trainer.fit(policy, datamodule=dm)
+    timing["rl_s"] = time.perf_counter() - t2
+
+    t3 = time.perf_counter()
+    print("[demo] 4/4 evaluate again (same questions, same sampling seeds)", flush=True)
     dm.setup("fit")  # fit tore the engine down; a fresh engine gets the trained weights pushed below
     instantiate(cfg.sync).sync(policy.model, dm.generator, trainer.global_step + 1)
-    after = evaluate(dm, questions, cfg.demo.samples, cfg.demo.temperature)
+    after = evaluate_policy(dm, questions, cfg.demo.samples, cfg.demo.temperature, cfg.seed + 1)
     dm.teardown("fit")
-    minutes = (time.perf_counter() - t0) / 60
+    timing["eval_after_s"] = time.perf_counter() - t3
+    timing["total_s"] = time.perf_counter() - t0
+
+    b_rows = {k: _mean(v) for k, v in before.items()}
+    a_rows = {k: _mean(v) for k, v in after.items()}
+    q2 = questions[2]
+    delta = bootstrap_diff(_em_by_question(after["2hop/sampled"], q2), _em_by_question(before["2hop/sampled"], q2),
+                           seed=cfg.seed)
     log_dir = Path(trainer.log_dir)
-    print(f"\nHeld-out questions (subjects never asked about in SFT/RL), before vs after {trainer.global_step} "
-          f"IGPO steps ({cfg.algorithm.name}); sampled = {cfg.demo.samples} episodes per question at "
-          f"T={cfg.demo.temperature}\n")
-    print(table(before, after))
-    print(f"\nTensorBoard: tensorboard --logdir {log_dir}\nEpisode dump: {log_dir / 'episodes.jsonl'}")
-    summary = (f"demo_summary minutes={minutes:.2f} em2_sampled_before={before['2hop/sampled']['em']:.3f} "
-               f"em2_sampled_after={after['2hop/sampled']['em']:.3f} "
-               f"em1_sampled_before={before['1hop/sampled']['em']:.3f} "
-               f"em1_sampled_after={after['1hop/sampled']['em']:.3f}")
+    print(f"\nHeld-out questions (subjects never asked about in SFT or RL), before vs after {trainer.global_step} "
+          f"{cfg.algorithm.name} steps; sampled = {cfg.demo.samples} episodes per question at T={cfg.demo.temperature}"
+          "\n")
+    print(table(b_rows, a_rows))
+    print(f"\n2-hop sampled EM change: {delta.mean:+.3f}, 95 % CI [{delta.lo:+.3f}, {delta.hi:+.3f}] "
+          f"(paired bootstrap over {delta.n_questions} questions)")
+    print(f"TensorBoard: tensorboard --logdir {log_dir}\nEpisode dump: {log_dir / 'episodes.jsonl'}\nLog: {log_file}")
+    print("demo_timing " + " ".join(f"{k}={v:.1f}" for k, v in timing.items())
+          + f" sft_s={manifest.get('stats', {}).get('seconds', 0.0):.1f}")
+    summary = (
+        f"demo_summary minutes={timing['total_s'] / 60:.2f} "
+        f"sft_em1_greedy={b_rows['1hop/greedy']['em']:.3f} sft_em2_greedy={b_rows['2hop/greedy']['em']:.3f} "
+        f"em2_sampled_before={b_rows['2hop/sampled']['em']:.3f} em2_sampled_after={a_rows['2hop/sampled']['em']:.3f} "
+        f"em2_delta_ci_low={delta.lo:.3f} em2_delta_ci_high={delta.hi:.3f} "
+        f"em1_sampled_before={b_rows['1hop/sampled']['em']:.3f} em1_sampled_after={a_rows['1hop/sampled']['em']:.3f} "
+        f"em2_greedy_after={a_rows['2hop/greedy']['em']:.3f} sft_steps={sft_steps} rl_steps={trainer.global_step}"
+    )
     print(summary, flush=True)
     return summary
 
 
+def _sft_manifest(model_dir: str) -> dict:
+    import json
+
+    path = Path(model_dir) / "sft_manifest.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="demo")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    run(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":

@@ -100,12 +100,12 @@ class IGPOPolicy(L.LightningModule):
         self.optimizer_steps = 0
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the adapter only
-        self.save_hyperparameters({
+        self.save_hyperparameters(_plain({  # plain types: Lightning reloads with weights_only=True
             "model": model, "algorithm": asdict(self.algorithm), "lora": asdict(self.lora),
             "optim": asdict(self.optim), "ppo_epochs": ppo_epochs, "mini_batch_size": mini_batch_size,
             "micro_batch_size": micro_batch_size, "torch_dtype": torch_dtype,
             "precision": asdict(self.precision_settings), "max_consecutive_skips": max_consecutive_skips,
-        })
+        }))
         self.model: torch.nn.Module | None = None
         self.ref_model: torch.nn.Module | None = None
         self._val: dict[str, list[dict[str, float]]] = defaultdict(list)
@@ -297,6 +297,19 @@ class IGPOPolicy(L.LightningModule):
     def save_adapter(self, path: str) -> None:
         """Adapter only (peft format) — or the full model when LoRA is off."""
         self.model.save_pretrained(path)
+
+
+def _plain(value):
+    """Nested config values (OmegaConf containers, tuples) as plain dicts, lists and scalars."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, DictConfig | ListConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _no_closure() -> None:

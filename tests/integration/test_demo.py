@@ -1,0 +1,47 @@
+"""`make demo`'s path with small budgets: it runs end to end, keeps library logs off the console, and its
+last line is the summary with every key the issue asks for (values parse as numbers)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from igpo.demo import run
+from igpo.run import compose_config
+
+from .test_train import SMALL
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+KEYS = ["minutes", "sft_em1_greedy", "sft_em2_greedy", "em2_sampled_before", "em2_sampled_after",
+        "em2_delta_ci_low", "em2_delta_ci_high"]
+
+
+def parse_summary(line: str) -> dict[str, float]:
+    if not line.startswith("demo_summary "):
+        raise ValueError(f"not a demo_summary line: {line[:60]!r}")
+    return {k: float(v) for k, v in (kv.split("=", 1) for kv in line.split()[1:])}
+
+
+def test_demo_small_budget(tmp_path, capsys):
+    small = [o for o in SMALL if not o.startswith(("prepare.sft=", "prepare.oracle="))]
+    overrides = [f"paths.artifacts_dir={tmp_path / 'artifacts'}", f"paths.output_dir={tmp_path / 'out'}", *small,
+                 "prepare.sft.max_steps=20", "prepare.sft.warmup_steps=2", "prepare.sft.batch_size=8",
+                 "trainer.max_steps=2", "data.steps_per_epoch=2", "data.val_max_questions=2",
+                 "demo.heldout_per_hop=4", "demo.samples=2", "callbacks.checkpoint=null"]
+    cfg = compose_config("demo", overrides, root=str(tmp_path))
+    summary = run(cfg, tmp_path / "out")
+    out = capsys.readouterr().out
+    lines = out.strip().splitlines()
+    assert lines[-1] == summary
+    values = parse_summary(summary)
+    for key in KEYS:
+        assert key in values, key
+    assert values["em2_delta_ci_low"] <= values["em2_delta_ci_high"]
+    assert values["rl_steps"] == 2 and values["sft_steps"] == 20
+    timing = next(line for line in lines if line.startswith("demo_timing "))
+    assert re.search(r"assets_s=\S+ eval_before_s=\S+ rl_s=\S+ eval_after_s=\S+ total_s=", timing)
+    assert (tmp_path / "out" / "demo.log").stat().st_size > 0  # library logs went to the file
+    assert "INFO" not in out and "WARNING" not in out  # ... not to the console
+    with pytest.raises(ValueError, match="not a demo_summary"):
+        parse_summary("demo_timing x=1")
