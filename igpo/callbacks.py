@@ -118,7 +118,7 @@ class WeightSyncCallback(L.Callback):
 
 
 def _step(trainer: L.Trainer) -> int:
-    """Rollout steps done (one step = one rollout batch and its updates), else optimizer steps."""
+    """Rollout steps done (one step = one rollout batch and all its updates; equals trainer.global_step)."""
     return int(getattr(trainer.datamodule, "steps_done", trainer.global_step))
 
 

@@ -2,7 +2,8 @@
 checkpoint's step on, the same loss, outcome reward and IG mean (1e-6) as the uninterrupted run.
 
 7 steps with 3 steps per epoch (epoch boundaries, and validation, after steps 3 and 6), a checkpoint after
-every step; `train.py` runs as a subprocess so the kill is a real SIGKILL."""
+every step; `train.py` runs as a subprocess so the kill is a real SIGKILL. The mid-epoch case trains with
+2 PPO epochs × 2 mini-batches per step (off-policy: old log-probs from the probe pass, 4 updates a step)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from tests.integration.test_train import ROOT, SMALL, _scalars
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 STEPS, PER_EPOCH = 7, 3
 METRICS = ("train/loss", "reward/outcome", "reward/ig_mean",  # the issue's three, and fingerprints of
-           "train/entropy", "train/kl", "episode/tokens_generated", "episode/turns")  # the samples
+           "train/entropy", "train/kl", "episode/tokens_generated", "episode/turns",  # the samples,
+           "train/clip_frac", "train/optimizer_steps", "train/skipped_steps")  # and the restored counters
 
 
 def _overrides(out: Path, artifacts: Path, *extra: str) -> list[str]:
@@ -65,21 +67,33 @@ def artifacts(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def full(tmp_path_factory, artifacts) -> Path:
-    """The uninterrupted 7-step run (it also builds the artifacts, once)."""
-    out = tmp_path_factory.mktemp("full") / "full"
-    out.mkdir()
-    _wait(_start(out, artifacts), out)
-    return out
+def full_runs(tmp_path_factory, artifacts):
+    """The uninterrupted 7-step run of a configuration, run once per module (the first builds the artifacts)."""
+    runs: dict[tuple[str, ...], Path] = {}
+
+    def get(extra: tuple[str, ...]) -> Path:
+        if extra not in runs:
+            out = tmp_path_factory.mktemp("full") / "full"
+            out.mkdir()
+            _wait(_start(out, artifacts, *extra), out)
+            runs[extra] = out
+        return runs[extra]
+
+    return get
 
 
-# 3: the kill lands at the epoch boundary (right after step 3's checkpoint, during validation); 5: mid-epoch
-@pytest.mark.parametrize("kill_after", [3, 5])
-def test_sigkill_and_resume_continues_exactly(tmp_path, artifacts, full, kill_after):
+SEVERAL_UPDATES = ("model.ppo_epochs=2", "model.mini_batch_size=3")  # 2 questions × 3 episodes: 2 mini-batches
+
+
+# 3: the kill lands at the epoch boundary (right after step 3's checkpoint, during validation); 5: mid-epoch,
+# with 4 updates per step
+@pytest.mark.parametrize(("kill_after", "extra"), [(3, ()), (5, SEVERAL_UPDATES)], ids=["epoch_end", "mid_epoch_ppo2"])
+def test_sigkill_and_resume_continues_exactly(tmp_path, artifacts, full_runs, kill_after, extra):
+    full = full_runs(extra)
     killed, resumed = tmp_path / "killed", tmp_path / "resumed"
     for d in (killed, resumed):
         d.mkdir()
-    proc = _start(killed, artifacts)
+    proc = _start(killed, artifacts, *extra)
     last = killed / "checkpoints" / "last.ckpt"
     deadline = time.time() + 900
     while proc.poll() is None and _ckpt_step(last) < kill_after and time.time() < deadline:
@@ -89,7 +103,7 @@ def test_sigkill_and_resume_continues_exactly(tmp_path, artifacts, full, kill_af
     step = _ckpt_step(last)
     assert kill_after <= step < STEPS, f"killed at checkpoint step {step}"
     shutil.copy(last, resumed / "last.ckpt")
-    _wait(_start(resumed, artifacts, f"ckpt_path={resumed / 'last.ckpt'}"), resumed)
+    _wait(_start(resumed, artifacts, *extra, f"ckpt_path={resumed / 'last.ckpt'}"), resumed)
 
     a, b = _by_step(full), _by_step(resumed)
     rows = []
@@ -97,6 +111,8 @@ def test_sigkill_and_resume_continues_exactly(tmp_path, artifacts, full, kill_af
         for k in METRICS:
             rows.append((s, k, a[k].get(s), b[k].get(s)))
     report = "\n".join(f"step {s} {k}: full {x} resumed {y}" for s, k, x, y in rows)
-    print(f"\nresumed from step {step}:\n{report}")
+    diffs = [abs(x - y) for *_, x, y in rows if x is not None and y is not None]
+    print(f"\nresumed from step {step} ({' '.join(extra) or 'defaults'}): {len(diffs)}/{len(rows)} values, "
+          f"max |diff| {max(diffs, default=float('nan')):.3g}\n{report}")
     same = [x is not None and y is not None and math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-6) for *_, x, y in rows]
     assert all(same), report
