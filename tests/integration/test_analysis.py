@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
 from igpo import analysis
 from igpo.analysis import NotARunError
@@ -88,6 +89,23 @@ def test_find_runs_reads_both_jobs(sweep):
 
 @pytest.mark.slow
 @pytest.mark.vllm
+def test_real_runs_describe_themselves(sweep):
+    """train.py wrote resolved_config.yaml (the prepared asset paths, which .hydra/config.yaml only has as
+    `???`) and versions.json; its checkpoint carries the policy's hyperparameters."""
+    for run in analysis.find_runs(sweep):
+        assert run.resolved is not None and run.versions["torch"] and run.versions["igpo"]
+        assert OmegaConf.is_missing(run.config.assets, "model") and run.resolved.assets.model == run.get("assets.model")
+        assert run.resolved.model.model == run.resolved.assets.model  # interpolations resolved
+        assert run.resolved.algorithm.name == run.overrides["algorithm"]
+        hp = analysis.checkpoint_hparams(run.checkpoints[-1])
+        assert hp["model"] == run.resolved.assets.model and hp["lora"]["r"] == run.resolved.model.lora.r
+        assert hp["algorithm"]["name"] == run.overrides["algorithm"] and hp["optim"]["lr"] == run.get("model.optim.lr")
+        protocol = analysis.train_protocol(run)
+        assert protocol.corpus == run.resolved.assets.corpus and protocol.search_k == 2 and protocol.data_sha256
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
 def test_scalars_and_episodes_agree(sweep):
     run = analysis.load_run(sweep / "0")
     scalars = analysis.load_scalars(run)
@@ -104,11 +122,11 @@ def test_scalars_and_episodes_agree(sweep):
     assert list(episodes.columns[: len(analysis.EPISODE_COLUMNS)]) == analysis.EPISODE_COLUMNS
     lines = (run.tb_dir / "episodes.jsonl").read_text().splitlines()
     assert len(episodes) == len(lines) == 2 * 6  # every episode of 2 steps x (2 questions x 3 samples)
-    assert sorted(set(episodes.step)) == [1, 2]
-    # the batch's mean outcome is what the advantage callback logged before the optimizer step
+    assert sorted(set(episodes.step)) == [0, 1]  # the 0-based rollout batch index, as in the scalars
+    # the batch's mean outcome is what the advantage callback logged for the same step
     outcome = scalars[scalars.tag == "reward/outcome"].set_index("step").value
     for step, group in episodes.groupby("step"):
-        assert group.outcome.mean() == pytest.approx(outcome[step - 1], abs=1e-6)
+        assert group.outcome.mean() == pytest.approx(outcome[step], abs=1e-6)
     turns = analysis.turns_frame(run)
     assert len(turns) == episodes.n_turns.sum()
     assert list(turns.columns) == analysis.TURN_COLUMNS

@@ -75,7 +75,7 @@ def made_sweep(tmp_path_factory) -> Path:
     sweep = tmp / "sweep"
     for job, algorithm in enumerate(("igpo", "grpo")):
         episodes = []
-        for step in (1, 2):
+        for step in (0, 1):  # 0-based rollout batch indices, as EpisodeLogger and the scalars count
             for group, q in enumerate(two_hop):
                 bridge, answer_doc = q.metadata["docs"]
                 good = [_turn(0, "search", -3.0, 0.1, [bridge]), _turn(1, "search", -2.5, 0.6, [answer_doc]),
