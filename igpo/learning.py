@@ -90,6 +90,8 @@ class HeldoutEval(L.Callback):
     per_hop / hops: questions per hop count (None = all) and which hop counts (None = all in the file).
     samples, temperature: episodes per question and their temperature; `seed` (the run's seed) and the
                     eval step, hop and chunk give each chunk's sampling seed.
+    final_samples:  episodes per question at the last step (None = `samples`): the final point carries the
+                    comparison, the others only draw the curve (same questions, noisier).
     selection_seed: which questions (fixed across seeds and arms).
     batch_episodes: episodes per generator call.
     skip_if_done:   stop before the first step when `DONE.json` says this run already finished.
@@ -99,12 +101,15 @@ class HeldoutEval(L.Callback):
 
     def __init__(self, questions: str | None, run_dir: str, every_n_steps: int = 10, per_hop: int | None = 200,
                  hops: list[int] | None = None, samples: int = 2, temperature: float = 1.0, seed: int = 0,
-                 selection_seed: int = 0, batch_episodes: int = 128, skip_if_done: bool = True) -> None:
-        if every_n_steps < 1 or samples < 1:
-            raise ValueError(f"HeldoutEval: every_n_steps and samples must be >= 1, got {every_n_steps}, {samples}")
+                 selection_seed: int = 0, batch_episodes: int = 128, skip_if_done: bool = True,
+                 final_samples: int | None = None) -> None:
+        if every_n_steps < 1 or samples < 1 or (final_samples is not None and final_samples < 1):
+            raise ValueError(f"HeldoutEval: every_n_steps, samples and final_samples must be >= 1, got "
+                             f"{every_n_steps}, {samples}, {final_samples}")
         self.questions_path, self.run_dir = questions, Path(run_dir)
         self.every_n_steps, self.per_hop, self.hops = every_n_steps, per_hop, None if hops is None else list(hops)
         self.samples, self.temperature, self.seed = samples, float(temperature), int(seed)
+        self.final_samples = final_samples
         self.selection_seed, self.batch_episodes, self.skip_if_done = selection_seed, batch_episodes, skip_if_done
         self.by_hop: dict[int, list] = {}
         self.protocol: dict[str, Any] | None = None
@@ -158,13 +163,15 @@ class HeldoutEval(L.Callback):
 
         dm = trainer.datamodule
         t0 = time.perf_counter()
-        chunk = max(1, self.batch_episodes // self.samples)
+        final = self.final_samples is not None and 0 < trainer.max_steps <= step
+        samples = self.final_samples if final else self.samples
+        chunk = max(1, self.batch_episodes // samples)
         per_q: dict[str, dict[str, Any]] = {}
         for hop, qs in self.by_hop.items():
             for c, s in enumerate(range(0, len(qs), chunk)):
                 sampling = replace(dm.sampling, temperature=self.temperature,
                                    seed=random.Random(f"heldout-eval:{self.seed}:{step}:{hop}:{c}").getrandbits(31))
-                for ep in dm.evaluate(qs[s: s + chunk], sampling, self.samples, progress=False):
+                for ep in dm.evaluate(qs[s: s + chunk], sampling, samples, progress=False):
                     row = per_q.setdefault(ep.question.id, {"hops": hop, "n": 0, **{m: 0.0 for m in METRICS}})
                     m = episode_metrics(ep)
                     row["n"] += 1
@@ -180,8 +187,9 @@ class HeldoutEval(L.Callback):
                               **{k: float(np.mean([r[k] for r in rows])) for k in METRICS}}
         record = {
             "format": FORMAT, "step": step, "max_steps": trainer.max_steps, "seed": self.seed,
-            "algorithm": _algorithm_name(trainer), "samples": self.samples, "temperature": self.temperature,
-            "selection_seed": self.selection_seed, "protocol": self.protocol, "hops": hops, "questions": per_q,
+            "algorithm": _algorithm_name(trainer), "samples": samples, "temperature": self.temperature,
+            "selection_seed": self.selection_seed, "hops": hops, "questions": per_q,
+            "protocol": None if self.protocol is None else {**self.protocol, "samples": samples},
             "seconds": time.perf_counter() - t0,
         }
         atomic_write(path, json.dumps(record, indent=None, sort_keys=True) + "\n")

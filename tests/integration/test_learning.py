@@ -23,7 +23,8 @@ def _multirun(sweep: Path, artifacts: Path, *extra: str) -> subprocess.Completed
     overrides = ["experiment=testbed_compare", "algorithm=igpo,grpo", "seed=0", f"hydra.sweep.dir={sweep}",
                  f"paths.artifacts_dir={artifacts}", *SMALL, "trainer.max_steps=2", "data.steps_per_epoch=2",
                  "callbacks.checkpoint.every_n_train_steps=1", "callbacks.heldout_eval.every_n_steps=1",
-                 "callbacks.heldout_eval.per_hop=2", "callbacks.heldout_eval.samples=2", "callbacks.episodes.n_dump=6",
+                 "callbacks.heldout_eval.per_hop=2", "callbacks.heldout_eval.samples=2",
+                 "callbacks.heldout_eval.final_samples=3", "callbacks.episodes.n_dump=6",
                  *extra]
     run = subprocess.run([sys.executable, "train.py", "-m", *overrides], cwd=ROOT, capture_output=True, text=True,
                          timeout=1200)
@@ -56,12 +57,13 @@ def test_smoke_sweep_writes_eval_points(sweep):
         assert files == ["step_000000.json", "step_000001.json", "step_000002.json"], job
         assert is_done(sweep / job, 2) and (sweep / job / "checkpoints" / "last.ckpt").is_file()
         rec = _point(sweep, job, 2)
-        assert rec["algorithm"] == job.split("_")[0] and rec["seed"] == 0 and rec["samples"] == 2
-        assert set(rec["hops"]) == {"1", "2"} and all(h["questions"] == 2 and h["episodes"] == 4
+        assert rec["algorithm"] == job.split("_")[0] and rec["seed"] == 0 and rec["samples"] == 3  # final_samples
+        assert set(rec["hops"]) == {"1", "2"} and all(h["questions"] == 2 and h["episodes"] == 6
                                                       for h in rec["hops"].values())
-        assert len(rec["questions"]) == 4 and all(q["n"] == 2 for q in rec["questions"].values())
+        assert len(rec["questions"]) == 4 and all(q["n"] == 3 for q in rec["questions"].values())
+        assert all(q["n"] == 2 for q in _point(sweep, job, 1)["questions"].values())  # a curve point
         p = rec["protocol"]
-        assert p["temperature"] == 1.0 and p["samples"] == 2 and p["seeds"] == [0]
+        assert p["temperature"] == 1.0 and p["samples"] == 3 and p["seeds"] == [0] and p["ckpt_path"] is None
         assert p["data_path"].endswith(".parquet") and len(p["data_sha256"]) == 64 and p["index_fingerprint"]
         assert _scalar_steps(sweep / job, "adv/zero_std_group_frac")
     # the same warm start, questions and sampling seeds: both arms score the same at step 0, question by question
@@ -79,7 +81,7 @@ def test_a_finished_job_does_no_training(sweep, tmp_path):
     losses = {job: _scalar_steps(sweep / job, "train/loss") for job in JOBS}
     # ckpt_path=null: without the skip the jobs would train again from step 0 (not resume at the end)
     run = _multirun(sweep, artifacts, "ckpt_path=null")
-    assert "is finished" in run.stdout + run.stderr
+    assert "finished" in run.stdout + run.stderr  # HeldoutEval.setup (or igpo.run.train with the skip patch)
     assert {p: p.stat().st_mtime_ns for p in before} == before
     assert {job: _scalar_steps(sweep / job, "train/loss") for job in JOBS} == losses
     assert all(len(v) == 2 for v in losses.values())
@@ -97,7 +99,7 @@ def test_benchmark_script_on_the_sweep(sweep, tmp_path):
     md = (tmp_path / "res" / "learning_compare.md").read_text().splitlines()
     assert md[-1] == line and (tmp_path / "res" / "learning_compare.png").stat().st_size > 0
     values = parse_summary(md[-1])
-    assert values["seeds"] == 1 and values["eval_episodes"] == 4 and values["final_step"] == 2
+    assert values["seeds"] == 1 and values["eval_episodes"] == 6 and values["final_step"] == 2
     assert 0.0 <= values["igpo_final"] <= 1.0 and values["diff_ci_low"] <= values["diff_ci_high"]
 
 
@@ -120,3 +122,27 @@ def test_learning_curves_notebook(sweep, monkeypatch, tmp_path):
     text = "".join(o.get("text", "") for o in outputs)
     line = next(t for t in text.splitlines() if t.startswith("learning_summary"))
     assert parse_summary(line)["seeds"] == 1
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError,
+                   reason="igpo/algorithm/callback.py does not pass the training progress to score_batch yet "
+                          "(the one-line patch in the igpo_curriculum commit); remove this marker with it")
+def test_curriculum_weights_follow_training_progress(tmp_path):
+    """algorithm=igpo_curriculum: the IG weight logged at steps 0 and 1 of 2 is 1.0 and 0.75 (progress
+    = step / max_steps), the outcome weight 0.5 and 0.75."""
+    from hydra import compose, initialize_config_dir
+
+    from igpo.run import build
+
+    overrides = [f"paths.root_dir={tmp_path}", f"paths.artifacts_dir={tmp_path / 'artifacts'}",
+                 f"paths.output_dir={tmp_path / 'out'}", *SMALL, "algorithm=igpo_curriculum", "trainer.max_steps=2"]
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    dm, policy, trainer = build(cfg)
+    trainer.fit(policy, datamodule=dm)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "out" / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("algo/ig_weight")] == [1.0, 0.75]
+    assert [e.value for e in acc.Scalars("algo/outcome_weight")] == [0.5, 0.75]
