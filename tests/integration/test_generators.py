@@ -291,3 +291,23 @@ def test_bad_input_is_named(sharp_vllm, sharp_hf) -> None:
     assert sharp_vllm.generate([], SamplingConfig()) == []
 
 
+
+
+def test_seeded_sampling_of_a_batch_larger_than_one_prefill_step(engines, sharp_dir, tok) -> None:
+    """64 seeded prompts of ~150 tokens exceed vLLM's default per-step token budget: a split (chunked) prefill
+    makes vLLM rewind the seeded generators, which CPU generators cannot do ("CPU Generator does not use
+    offset"). With prefill_whole_batch the batch is prefilled in one step and sampling works, reproducibly."""
+    engines.close()  # at most one engine at a time
+    gen = VLLMGenerator(str(sharp_dir), dtype="float32", max_model_len=512, max_num_seqs=64, seed=0,
+                        kv_cache_space_gib=1, prefill_whole_batch=True)
+    assert gen.engine_args["max_num_batched_tokens"] == 512 * 64
+    gen.setup()
+    try:
+        long_q = " ".join(QUESTIONS) * 3
+        prompts = [prompt_ids(tok, f"{i} {long_q}")[:150] for i in range(64)]
+        assert sum(map(len, prompts)) > 8192
+        sampling = SamplingConfig(temperature=1.0, max_new_tokens=8, seed=11)
+        first = [o.token_ids for o in gen.generate(prompts, sampling)]
+        assert first == [o.token_ids for o in gen.generate(prompts, sampling)]
+    finally:
+        gen.close()
