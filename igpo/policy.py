@@ -80,7 +80,7 @@ class IGPOPolicy(L.LightningModule):
         keep_reference: bool = True,
         precision: PrecisionSettings | None = None,
         log_entropy: bool = True,
-        head_chunk_size: int = 4096,
+        head_chunk_size: int | None = None,
         max_consecutive_skips: int = 3,
     ) -> None:
         super().__init__()

@@ -46,7 +46,14 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit the policy; returns the trainer's final callback metrics as floats."""
+    """Fit the policy; returns the trainer's final callback metrics as floats. A run whose held-out eval
+    points are complete for this max_steps (igpo.learning: heldout_eval/DONE.json) returns {} at once, so a
+    sweep relaunched after an interruption skips its finished jobs before starting any engine."""
+    from igpo.learning import is_done
+
+    if is_done(cfg.paths.output_dir, OmegaConf.select(cfg, "trainer.max_steps")):
+        log.warning("%s: finished (heldout_eval/DONE.json), skipped", cfg.paths.output_dir)
+        return {}
     datamodule, policy, trainer = build(cfg)
     log.info("assets: %s", OmegaConf.to_container(cfg.assets, resolve=True))
     trainer.fit(policy, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

@@ -53,11 +53,11 @@ class SFTConfig:
     seed: int = 0
     max_minutes: float | None = 60.0  # safety limit only: reaching it is an error
     accelerator: str = "auto"
-    chunk_size: int = 4096  # rows of the output head per chunk (see igpo.algorithm.logprobs)
+    chunk_size: int | None = None  # rows of the output head per chunk (None: ~128 MiB of logits per block)
     extra: dict = field(default_factory=dict)  # ignored by training; part of the cache key
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "pack_length", "chunk_size"):
+        for name in ("max_steps", "batch_size", "pack_length"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"sft.{name}={getattr(self, name)!r}: must be >= 1")
         if not 0 <= self.warmup_steps < self.max_steps:
@@ -110,7 +110,7 @@ class SFTModule(L.LightningModule):
 
 
 def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, bf16: bool = True,
-             chunk_size: int = 4096) -> torch.Tensor:
+             chunk_size: int | None = None) -> torch.Tensor:
     """Token-mean NLL of the tokens where batch["loss_mask"] is 1, for a padded or a packed batch."""
     ids, mask = batch["input_ids"], batch["loss_mask"]
     device = ids.device.type

@@ -43,5 +43,7 @@ class IGPOAdvantageCallback(L.Callback):
         if plan.probe:
             parts = probe_inputs_from_episodes(batch.episodes, dm.tokenizer, dm.pieces, dm.protocol)[1]
         reference = pl_module.reference if plan.reference else None
+        # training progress of this step, for a weight curriculum (AlgorithmConfig.at_progress)
+        progress = trainer.global_step / trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         batch.scores = score_batch(batch, pl_module.model, pl_module.algorithm, plan, probe_parts=parts,
-                                   reference=reference)
+                                   reference=reference, progress=progress)

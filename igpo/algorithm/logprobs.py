@@ -45,14 +45,25 @@ def _head_stats(
     return lp, lse - (p * z).sum(-1)
 
 
+CHUNK_ELEMENTS = 2**25  # default logit block: 32 M fp32 values (128 MiB): 220 rows of a 151k vocabulary
+
+
+def default_chunk_rows(vocab_size: int) -> int:
+    """Rows per logit block so that one [rows, V] fp32 block holds about CHUNK_ELEMENTS values."""
+    return max(16, CHUNK_ELEMENTS // max(int(vocab_size), 1))
+
+
 def head_logprobs(
     hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, *, with_entropy: bool = False,
-    chunk_size: int = 2048, temperature: float = 1.0,
+    chunk_size: int | None = None, temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log π(targets[n] | hidden[n]) for N hidden rows [N, H] → ([N] fp32, [N] entropy or None).
 
-    Chunks of `chunk_size` rows; under autograd each chunk is checkpointed (logits recomputed in
-    backward), so no more than one [chunk, V] fp32 logit block is alive at a time."""
+    Chunks of `chunk_size` rows (None: `default_chunk_rows(V)`, ~128 MiB of fp32 logits per block); under
+    autograd each chunk is checkpointed (logits recomputed in backward), so no more than one [chunk, V]
+    logit block (and its softmax in backward) is alive at a time."""
+    if chunk_size is None:
+        chunk_size = default_chunk_rows(head.weight.shape[0])
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"head_logprobs: hidden [N, H] and targets [N] expected, got {tuple(hidden.shape)} "
                          f"and {tuple(targets.shape)}")
@@ -81,7 +92,7 @@ def token_logprobs_at(
     select: torch.Tensor,
     *,
     with_entropy: bool = False,
-    chunk_size: int = 2048,
+    chunk_size: int | None = None,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """[B, L] fp32 log p(input_ids[j] | ids[:j]) at positions where `select` is true (position 0 and

@@ -124,9 +124,6 @@ def test_learning_curves_notebook(sweep, monkeypatch, tmp_path):
     assert parse_summary(line)["seeds"] == 1
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="igpo/algorithm/callback.py does not pass the training progress to score_batch yet "
-                          "(the one-line patch in the igpo_curriculum commit); remove this marker with it")
 def test_curriculum_weights_follow_training_progress(tmp_path):
     """algorithm=igpo_curriculum: the IG weight logged at steps 0 and 1 of 2 is 1.0 and 0.75 (progress
     = step / max_steps), the outcome weight 0.5 and 0.75."""

@@ -19,7 +19,7 @@ from tests.integration.test_analysis import _fake_run, shared_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
-IMAGES = {"01_inspect_rollouts": 2, "02_compare_sweep": 1, "03_turn_credit": 3}
+IMAGES = {"01_inspect_rollouts": 2, "02_compare_sweep": 1, "03_turn_credit": 3, "04_learning_curves": 1}
 pytestmark = pytest.mark.notebooks
 
 
