@@ -27,6 +27,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 EXPERIMENT = "experiment=smollm2_135m_cpu"
+NOTES = """## Setting
+
+- SmolLM2-135M-Instruct (Llama architecture, 49,152-token byte-level BPE, ChatML template with its own
+  default system prompt replaced by ours) goes through the normal path: `ChatPieces` read off its template,
+  token-in/token-out rollouts, the probe's gold span found by character offsets in its tokenisation.
+- Protocol: a one-sentence system prompt and `content_sep: " "` (a name after `<search>`/`<answer>`
+  tokenises as in the question and the documents, `ĠOb ve k qua`, so copying it is a plain copy).
+- SFT: LoRA r=16 on all seven projections, merged on export; oracle trajectories rendered with SmolLM2's
+  template and tokenizer (`prepare=synthetic_base`), cached under a key covering the converted model's
+  directory (which carries the GGUF's sha256), the world, the protocol, the SFT and oracle settings.
+- RL: 4 questions x 4 episodes per step, <= 48 new tokens per turn, <= 4 turns, context 1024, LoRA r=16,
+  lr 5e-5, KL 0.001 to the adapter-disabled model, a bf16 vLLM-CPU engine, merged-weight sync.
+- Budgets are steps, so the models are the same on any machine; the times above are this shared
+  2-core machine's under the load shown (other jobs ran beside it) and are only comparable within one run.
+"""
 
 
 def run(cmd: list[str], log: Path) -> dict[str, float]:
@@ -51,7 +66,8 @@ def em_by_hop(eval_dir: Path) -> dict[str, list[tuple[str, float]]]:
     return out
 
 
-def em_table(before: dict, after: dict) -> tuple[list[str], dict]:
+def em_table(before: dict, after: dict | None) -> tuple[list[str], dict]:
+    """Rows per source and pooled: EM before, after (None: not measured yet) and the paired difference."""
     from igpo.stats import bootstrap_diff, bootstrap_mean, per_question
 
     rows, data = [], {}
@@ -59,12 +75,16 @@ def em_table(before: dict, after: dict) -> tuple[list[str], dict]:
     for source in [*sources, "all"]:
         pick = sources if source == "all" else [source]
         b = per_question((f"{s}/{q}", v) for s in pick for q, v in before[s])
-        a = per_question((f"{s}/{q}", v) for s in pick for q, v in after[s])
         ids = sorted(b)
-        eb, ea = bootstrap_mean([b[i] for i in ids]), bootstrap_mean([a[i] for i in ids])
-        d = bootstrap_diff([a[i] for i in ids], [b[i] for i in ids])
-        data[source] = {"questions": len(ids), "before": vars(eb), "after": vars(ea), "diff": vars(d)}
-        rows.append(f"| {source} | {len(ids)} | {_pct(eb)} | {_pct(ea)} | {_pct(d, signed=True)} |")
+        eb = bootstrap_mean([b[i] for i in ids])
+        data[source] = {"questions": len(ids), "before": vars(eb)}
+        cells = ["—", "—"]
+        if after is not None:
+            a = per_question((f"{s}/{q}", v) for s in pick for q, v in after[s])
+            ea, d = bootstrap_mean([a[i] for i in ids]), bootstrap_diff([a[i] for i in ids], [b[i] for i in ids])
+            data[source] |= {"after": vars(ea), "diff": vars(d)}
+            cells = [_pct(ea), _pct(d, signed=True)]
+        rows.append(f"| {source} | {len(ids)} | {_pct(eb)} | {cells[0]} | {cells[1]} |")
     return rows, data
 
 
@@ -110,7 +130,7 @@ def main() -> None:
     ap.add_argument("--run-dir", type=Path, default=None, help="default: outputs/bench/smollm2_<time>")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "smollm2.md")
     ap.add_argument("--only", nargs="*", choices=["eval_before", "train", "eval_after"], default=None,
-                    help="run only these stages now (the markdown is written once all three are done)")
+                    help="run only these stages now (the markdown reports the stages done so far)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for all three commands")
     args = ap.parse_args()
     run_dir = (args.run_dir or ROOT / "outputs" / "bench" / time.strftime("smollm2_%Y-%m-%d_%H-%M-%S")).resolve()
@@ -132,19 +152,27 @@ def main() -> None:
         if not (done[name].is_file() and stats_file.is_file()):
             if args.only and name not in args.only:
                 continue
-            stats_file.write_text(json.dumps({**run(cmd, run_dir / f"{name}.log"), "finished": time.ctime()}))
+            load = os.getloadavg()[0]
+            stats = run(cmd, run_dir / f"{name}.log")
+            stats |= {"finished": time.ctime(), "load_start": load, "load_end": os.getloadavg()[0]}
+            stats_file.write_text(json.dumps(stats))
         proc[name] = json.loads(stats_file.read_text())
-    if len(proc) < len(cmds):
-        print(f"stages done: {sorted(proc)}; rerun without --only to finish")
+    if "eval_before" not in proc:
+        print(f"stages done: {sorted(proc)}; nothing to report before eval_before")
         return
+    status = ("all three stages done" if len(proc) == len(cmds) else
+              f"PARTIAL: stages done {sorted(proc)}; rerun the same command to finish the others")
 
     meta = json.loads((run_dir / "eval_before" / "eval_metrics.json").read_text())["meta"]
     sft_dir = Path(meta["model"])
     sft = json.loads((sft_dir / "sft_manifest.json").read_text())
-    em_rows, em = em_table(em_by_hop(run_dir / "eval_before"), em_by_hop(run_dir / "eval_after"))
-    t_rows, times = time_split(run_dir / "train")
-    trend = scalar_trend(run_dir / "train", ("reward/outcome", "reward/ig_mean", "episode/format_ok",
-                                             "episode/searches", "train/kl"))
+    after = em_by_hop(run_dir / "eval_after") if "eval_after" in proc else None
+    em_rows, em = em_table(em_by_hop(run_dir / "eval_before"), after)
+    t_rows, times, trend = [], {}, []
+    if "train" in proc:
+        t_rows, times = time_split(run_dir / "train")
+        trend = scalar_trend(run_dir / "train", ("reward/outcome", "reward/ig_mean", "episode/format_ok",
+                                                 "episode/searches", "train/kl"))
     st, cfg = sft["stats"], sft["sft"]
     commands = "\n".join(shlex.join(["python", *c[1:]]) for c in cmds.values())
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
@@ -154,6 +182,7 @@ def main() -> None:
         f"`{EXPERIMENT}` (conf/experiment/smollm2_135m_cpu.yaml), measured by `benchmarks/smollm2_run.py` on "
         f"{time.strftime('%Y-%m-%d')} at commit `{git.strip()}`, {os.cpu_count()} CPU cores shared with other "
         "jobs (times are this machine's, under that load; quality figures do not depend on it).",
+        f"Status: {status}.",
         "",
         "```", f"python benchmarks/smollm2_run.py --steps {args.steps} --per-source {args.per_source}"
         + (" -- " + shlex.join(args.overrides) if args.overrides else ""), "# runs:", commands, "```",
@@ -195,9 +224,13 @@ def main() -> None:
         "",
         "## Processes (wall time, peak RSS incl. the in-process vLLM engine)",
         "",
-        "| command | wall (min) | peak RSS (GiB) | finished |",
-        "|:--|--:|--:|:--|",
-        *[f"| {n} | {p['seconds'] / 60:.1f} | {p['peak_rss_gib']:.2f} | {p['finished']} |" for n, p in proc.items()],
+        "| command | wall (min) | peak RSS (GiB) | finished | 1-min load average at start / end (2 cores) |",
+        "|:--|--:|--:|:--|:--|",
+        *[f"| {n} | {p['seconds'] / 60:.1f} | {p['peak_rss_gib']:.2f} | {p['finished']} | "
+          f"{p.get('load_start', float('nan')):.1f} / {p.get('load_end', float('nan')):.1f} |"
+          for n, p in proc.items()],
+        "",
+        NOTES,
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
