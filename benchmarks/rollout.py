@@ -77,7 +77,7 @@ def main() -> None:
     model_dir = args.model or assets["model"]
     questions = load_questions(assets["train_questions"])[: args.questions]
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=48)
-    rcfg = RolloutConfig(max_turns=4, top_k=2, max_doc_tokens=64, max_context_tokens=1024)
+    rcfg = RolloutConfig(max_turns=4, search_k=2, max_doc_tokens=64, max_context_tokens=1024)
     retriever = BM25Retriever(assets["corpus"])
     retriever.setup()
     vllm_gen = VLLMGenerator(model_dir, dtype=args.dtype, max_model_len=1024, seed=0)
@@ -140,6 +140,7 @@ def main() -> None:
     algo_ig, algo_kl = AlgorithmConfig(kl_coef=0.0), AlgorithmConfig()
     algo_grpo = AlgorithmConfig(ig_weight=0.0, kl_coef=0.0)
     parts_ids = probe_inputs_from_episodes(batch.episodes, tok, runner.pieces, runner.protocol)[1]
+    policy.algorithm = algo_ig  # the update's cost does not depend on the KL term's arithmetic; no reference needed
     score_t: dict[str, list[float]] = {"igpo": [], "igpo_kl": [], "grpo": []}
     update_t: list[float] = []
     for _ in range(args.repeats):

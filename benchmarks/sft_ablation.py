@@ -45,7 +45,7 @@ def evaluate_model(cfg, questions_by_hop: dict[int, list]) -> dict[str, dict]:
     try:
         out = {}
         for hop, qs in questions_by_hop.items():
-            eps = dm.evaluate(qs, replace(dm.sampling, temperature=0.0), 1, progress=False)
+            eps = dm.run_episodes(qs, replace(dm.sampling, temperature=0.0), 1, progress=False)
             scores = per_question((e.question.id, float(e.answer is not None and _em(e))) for e in eps)
             est = bootstrap_mean([scores[q.id] for q in qs])
             out[f"{hop}hop"] = {"em": est.mean, "lo": est.lo, "hi": est.hi, "n": len(qs),

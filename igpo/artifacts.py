@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from igpo.models.causal_lm import LoraSettings
-from igpo.prompts import Protocol
+from igpo.prompts import AgentProtocol
 
 log = logging.getLogger(__name__)
 ARTIFACT_VERSION = 2  # bump when the code that builds an artifact changes its output
@@ -42,7 +42,7 @@ def prepare_synthetic(
     oracle: dict | None = None,
     seed: int = 0,
     tokenizer_texts: int = 3000,
-    protocol: Protocol | None = None,
+    protocol: AgentProtocol | None = None,
     base_model: str | None = None,
 ) -> dict[str, str]:
     """Build (or reuse) the world, the tiny model and optionally the SFT model; return asset paths:
@@ -60,7 +60,7 @@ def prepare_synthetic(
     wcfg = WorldConfig(**dict(world or {}))
     files = ensure_world(wcfg, root)
     tok_cfg, model_cfg = dict(tokenizer or {}), dict(model or {})
-    protocol = protocol or Protocol()
+    protocol = protocol or AgentProtocol()
     base_dir = resolve_base_model(base_model, root) if base_model else None
     keys = artifact_keys(files.root.name, tok_cfg, model_cfg, seed, tokenizer_texts, protocol, sft, oracle,
                          base_model=base_model_id(base_dir) if base_dir else None)
@@ -89,7 +89,7 @@ def prepare_synthetic(
 
 
 def artifact_keys(
-    world_name: str, tokenizer: dict, model: dict, seed: int, tokenizer_texts: int, protocol: Protocol,
+    world_name: str, tokenizer: dict, model: dict, seed: int, tokenizer_texts: int, protocol: AgentProtocol,
     sft: dict | None, oracle: dict | None, base_model: str | None = None,
 ) -> dict[str, str | None]:
     """Cache keys of the tiny base model and the SFT model: a hash of everything that determines them
@@ -144,7 +144,7 @@ def base_model_id(path: Path) -> str:
 
 
 def _build_sft(base_dir: Path, out_dir: Path, files, world, sft: dict, oracle: dict, seed: int,
-               protocol: Protocol) -> None:
+               protocol: AgentProtocol) -> None:
     from transformers import AutoTokenizer
 
     from igpo.data.oracle import OracleConfig, OracleStats, oracle_dataset

@@ -53,8 +53,9 @@ def evaluate_policy(dm, questions: dict[int, list[Question]], samples: int, temp
     """Episodes per hop: greedy (one per question) and sampled (`samples` per question at T, seeded)."""
     out: dict[str, list[Episode]] = {}
     for hop, qs in questions.items():
-        out[f"{hop}hop/greedy"] = dm.evaluate(qs, replace(dm.sampling, temperature=0.0, seed=seed), 1)
-        out[f"{hop}hop/sampled"] = dm.evaluate(qs, replace(dm.sampling, temperature=temperature, seed=seed), samples)
+        out[f"{hop}hop/greedy"] = dm.run_episodes(qs, replace(dm.sampling, temperature=0.0, seed=seed), 1)
+        sampled = replace(dm.sampling, temperature=temperature, seed=seed)
+        out[f"{hop}hop/sampled"] = dm.run_episodes(qs, sampled, samples)
     return out
 
 

@@ -274,7 +274,7 @@ def run_eval(cfg: DictConfig) -> dict[str, dict[str, float]]:
         if cfg.get("ckpt_path"):
             ckpt_info = _push_checkpoint(cfg, dm.generator)
         sampling = replace(dm.sampling, temperature=temperature, seed=int(cfg.seed))
-        episodes = dm.evaluate(questions, sampling, samples=samples)
+        episodes = dm.run_episodes(questions, sampling, samples=samples)
     finally:
         dm.teardown("validate")
     seconds = time.perf_counter() - t0

@@ -137,24 +137,24 @@ class HeldoutEval(L.Callback):
         self.protocol = self._protocol()
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
-        self.evaluate(trainer, _step(trainer))  # step 0, or the step a resumed run starts from (if missing)
+        self.evaluate_at(trainer, _step(trainer))  # step 0, or the step a resumed run starts from (if missing)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = _step(trainer)
         if step % self.every_n_steps == 0 or step >= trainer.max_steps > 0:
-            self.evaluate(trainer, step)
+            self.evaluate_at(trainer, step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         step = _step(trainer)
         if trainer.max_steps > 0 and step < trainer.max_steps:
             return  # stopped early: not finished, no DONE marker
-        self.evaluate(trainer, step)
+        self.evaluate_at(trainer, step)
         steps = sorted(int(p.stem.split("_")[1]) for p in (self.run_dir / EVAL_DIR).glob("step_*.json"))
         atomic_write(self.run_dir / EVAL_DIR / DONE, json.dumps(
             {"max_steps": trainer.max_steps, "final_step": step, "eval_steps": steps}, indent=1) + "\n")
 
     # ---- one eval point -------------------------------------------------------------------------
-    def evaluate(self, trainer: L.Trainer, step: int) -> Path:
+    def evaluate_at(self, trainer: L.Trainer, step: int) -> Path:
         """Write the eval point of `step` unless its file exists (a resumed or repeated run)."""
         path = eval_path(self.run_dir, step)
         if path.is_file():
@@ -171,7 +171,7 @@ class HeldoutEval(L.Callback):
             for c, s in enumerate(range(0, len(qs), chunk)):
                 sampling = replace(dm.sampling, temperature=self.temperature,
                                    seed=random.Random(f"heldout-eval:{self.seed}:{step}:{hop}:{c}").getrandbits(31))
-                for ep in dm.evaluate(qs[s: s + chunk], sampling, samples, progress=False):
+                for ep in dm.run_episodes(qs[s: s + chunk], sampling, samples, progress=False):
                     row = per_q.setdefault(ep.question.id, {"hops": hop, "n": 0, **{m: 0.0 for m in METRICS}})
                     m = episode_metrics(ep)
                     row["n"] += 1

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from igpo.generator.base import Generator, SamplingConfig
-from igpo.prompts import ChatPieces, Protocol, observation_ids, parse_action, prompt_ids
+from igpo.prompts import AgentProtocol, ChatPieces, observation_ids, parse_action, prompt_ids
 from igpo.retriever.base import Retriever
 from igpo.types import Episode, Question, Turn
 
@@ -27,11 +27,12 @@ class RetrieverContractError(RuntimeError):
 @dataclass(frozen=True)
 class RolloutConfig:
     """max_turns: assistant turns per episode (a search at the last turn ends it as `max_turns`).
+    search_k: documents per search (the retrieval depth; the sampler's top-k is `SamplingConfig.top_k`).
     max_context_tokens: an episode whose next context would not leave `sampling.max_new_tokens`
     of room is ended as `max_turns` (it ran out of budget) instead of being silently truncated."""
 
     max_turns: int = 4
-    top_k: int = 2
+    search_k: int = 2
     max_doc_tokens: int = 64
     max_context_tokens: int = 2048
 
@@ -51,11 +52,11 @@ class RolloutRunner:
     """Runs batched multi-turn episodes; holds the pieces that do not change between steps."""
 
     def __init__(
-        self, generator: Generator, retriever: Retriever, tokenizer, protocol: Protocol | None = None,
+        self, generator: Generator, retriever: Retriever, tokenizer, protocol: AgentProtocol | None = None,
         config: RolloutConfig | None = None,
     ) -> None:
         self.generator, self.retriever, self.tokenizer = generator, retriever, tokenizer
-        self.protocol = protocol or Protocol()
+        self.protocol = protocol or AgentProtocol()
         self.config = config or RolloutConfig()
         self.pieces = ChatPieces.from_tokenizer(tokenizer, self.protocol)
         self._eos_texts = [t for t in {tokenizer.eos_token, tokenizer.pad_token} if t]
@@ -104,7 +105,7 @@ class RolloutRunner:
         t0 = time.perf_counter()
         failures_before = getattr(self.retriever, "failures", 0)
         queries = [t.content for _, t in searching]
-        results = self.retriever.search_batch(queries, self.config.top_k)
+        results = self.retriever.search_batch(queries, self.config.search_k)
         if results is None or len(results) != len(queries):
             got = "None" if results is None else f"{len(results)} result lists"
             raise RetrieverContractError(

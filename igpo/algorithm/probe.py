@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from igpo.algorithm.logprobs import decoder_hidden, head_logprobs
-from igpo.prompts import ChatPieces, Protocol, probe_token_parts
+from igpo.prompts import AgentProtocol, ChatPieces, probe_token_parts
 from igpo.types import Episode
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def probe_inputs_from_episodes(
     episodes: Sequence[Episode],
     tokenizer: PreTrainedTokenizerBase,
     pieces: ChatPieces,
-    protocol: Protocol | None = None,
+    protocol: AgentProtocol | None = None,
 ) -> tuple[list[list[int]], list[ProbeParts]]:
     """Probe boundaries and (prefix, gold, suffix) ids per episode; gold = the first answer alias.
 

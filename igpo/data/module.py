@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from igpo.data.questions import load_questions
 from igpo.generator.base import Generator, SamplingConfig
-from igpo.prompts import ChatPieces, Protocol
+from igpo.prompts import AgentProtocol, ChatPieces
 from igpo.retriever.base import Retriever
 from igpo.rollout import RolloutConfig, RolloutRunner
 from igpo.types import Episode, Question, RolloutBatch
@@ -39,7 +39,7 @@ class RolloutDataModule(L.LightningDataModule):
         steps_per_epoch: int = 1000,
         sampling: SamplingConfig | None = None,
         rollout: RolloutConfig | None = None,
-        protocol: Protocol | None = None,
+        protocol: AgentProtocol | None = None,
         val_max_questions: int | None = 64,
         val_batch_size: int = 64,
         val_temperature: float = 0.0,
@@ -53,7 +53,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.questions_per_step, self.group_size, self.steps_per_epoch = questions_per_step, group_size, steps_per_epoch
         self.sampling = sampling or SamplingConfig()
         self.rollout_config = rollout or RolloutConfig()
-        self.protocol = protocol or Protocol()
+        self.protocol = protocol or AgentProtocol()
         self.val_max_questions, self.val_batch_size, self.seed = val_max_questions, val_batch_size, seed
         self.val_temperature, self.val_samples = val_temperature, val_samples
         self.load_options = dict(load_options or {})
@@ -137,7 +137,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.last_episodes = episodes
         return batch
 
-    def evaluate(
+    def run_episodes(
         self, questions: list[Question], sampling: SamplingConfig | None = None, samples: int = 1,
         progress: bool = True,
     ) -> list[Episode]:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from igpo.data.world import RELATIONS, World
-from igpo.prompts import ChatPieces, Protocol, encode, observation_ids, observation_text, prompt_ids
+from igpo.prompts import AgentProtocol, ChatPieces, encode, observation_ids, observation_text, prompt_ids
 from igpo.types import Doc, Episode, Question, Turn, TurnKind
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ class Step:
     docs: list[Doc] = field(default_factory=list)
 
 
-def _script(q: Question, world: World, rng: random.Random, cfg: OracleConfig, protocol: Protocol,
+def _script(q: Question, world: World, rng: random.Random, cfg: OracleConfig, protocol: AgentProtocol,
             stats: OracleStats) -> Script:
     """Yield search queries, receive their documents; return the steps, or None when dropped."""
     q = world.question(q.id)  # the chain metadata, also for questions read back from parquet/jsonl
@@ -223,7 +223,7 @@ def _run(scripts: list[Script], search: SearchFn) -> list[list[Step] | None]:
 
 
 def _episode(q: Question, steps: list[Step], tokenizer: PreTrainedTokenizerBase, pieces: ChatPieces,
-             protocol: Protocol, cfg: OracleConfig, group: int, prompt: list[int] | None = None,
+             protocol: AgentProtocol, cfg: OracleConfig, group: int, prompt: list[int] | None = None,
              obs_cache: dict[tuple[str, ...], list[int]] | None = None) -> Episode:
     """Tokenise steps like the rollout loop; `obs_cache` memoises observation ids per result list."""
     ep = Episode(q, group, list(prompt) if prompt is not None else prompt_ids(tokenizer, q.text, protocol))
@@ -248,7 +248,7 @@ def _retriever_search(retriever: Retriever, k: int) -> SearchFn:
 
 def oracle_episode(
     question: Question, world: World, retriever: Retriever, tokenizer: PreTrainedTokenizerBase,
-    pieces: ChatPieces, protocol: Protocol, rng: random.Random, noise: OracleConfig,
+    pieces: ChatPieces, protocol: AgentProtocol, rng: random.Random, noise: OracleConfig,
     stats: OracleStats | None = None, group: int = 0,
 ) -> Episode | None:
     """One scripted, tokenised trajectory through the real retriever (None if dropped; see module doc)."""
@@ -260,13 +260,13 @@ def oracle_episode(
 
 def oracle_dataset(
     questions: list[Question], world: World, retriever: Retriever, tokenizer: PreTrainedTokenizerBase,
-    pieces: ChatPieces | None = None, protocol: Protocol | None = None, cfg: OracleConfig | None = None,
+    pieces: ChatPieces | None = None, protocol: AgentProtocol | None = None, cfg: OracleConfig | None = None,
     samples_per_question: int = 2, seed: int = 0, stats: OracleStats | None = None,
 ) -> list[Episode]:
     """`samples_per_question` trajectories per question (searches batched across questions), in question
     order; dropped ones are left out and counted in `stats`. Deterministic in `seed`: each (question,
     sample) has its own random stream, so the result does not depend on batching."""
-    protocol = protocol or Protocol()
+    protocol = protocol or AgentProtocol()
     cfg = cfg or OracleConfig()
     pieces = pieces or ChatPieces.from_tokenizer(tokenizer, protocol)
     stats = stats if stats is not None else OracleStats()
@@ -289,18 +289,18 @@ def oracle_dataset(
 
 
 # ------------------------------------------------------------------- plain rendering (before a tokenizer)
-def chatml_prompt(question: str, protocol: Protocol | None = None) -> str:
+def chatml_prompt(question: str, protocol: AgentProtocol | None = None) -> str:
     """The first generation prompt rendered as ChatML without a tokenizer (the tiny model's template)."""
-    p = protocol or Protocol()
+    p = protocol or AgentProtocol()
     return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in p.messages(question)) + \
         "<|im_start|>assistant\n"
 
 
-def render_plain(question: str, steps: list[Step], protocol: Protocol | None = None,
+def render_plain(question: str, steps: list[Step], protocol: AgentProtocol | None = None,
                  pieces: ChatPieces = CHATML_PIECES) -> str:
     """A trajectory as text, ChatML and untruncated documents: what the tokenised episode decodes to
     when no document exceeds `max_doc_tokens`."""
-    p = protocol or Protocol()
+    p = protocol or AgentProtocol()
     parts = [chatml_prompt(question, p)]
     for s in steps:
         parts.append(p.action(s.think, s.kind, s.content))
@@ -331,12 +331,12 @@ def world_search(world: World, k: int) -> SearchFn:
     return search
 
 
-def tokenizer_corpus(world: World, n_trajectory_texts: int = 3000, protocol: Protocol | None = None,
+def tokenizer_corpus(world: World, n_trajectory_texts: int = 3000, protocol: AgentProtocol | None = None,
                      cfg: OracleConfig | None = None, seed: int = 0) -> list[str]:
     """Texts to train the tokenizer on before the model exists: protocol text, every document as it is
     shown in observations, and `n_trajectory_texts` oracle trajectories over train questions rendered
     as plain ChatML with `world_search` (the chicken-and-egg: no tokenizer is needed to make these)."""
-    p, cfg = protocol or Protocol(), cfg or OracleConfig()
+    p, cfg = protocol or AgentProtocol(), cfg or OracleConfig()
     texts: list[str] = [p.system_prompt, " ".join(p.tags), p.probe_prefix()]
     texts += [p.doc_template.format(rank=1, title=d.title, text=d.text) for d in world.docs]
     train = world.questions["train"]

@@ -23,7 +23,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from igpo.io import atomic_dir
-from igpo.prompts import Protocol
+from igpo.prompts import AgentProtocol
 
 # Qwen2's pre-tokenizer split pattern (transformers/models/qwen2/tokenization_qwen2.py).
 QWEN2_SPLIT_PATTERN = (
@@ -42,7 +42,7 @@ CHATML_TEMPLATE = (
 
 
 def train_tokenizer(
-    texts: Iterable[str], vocab_size: int = 2048, protocol: Protocol | None = None
+    texts: Iterable[str], vocab_size: int = 2048, protocol: AgentProtocol | None = None
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer (Qwen2 pre-tokenisation) with ChatML markers and protocol tags.
 
@@ -51,7 +51,7 @@ def train_tokenizer(
     tokens that are never split, so each is one id and stop tokens are single ids, but they are *not*
     special, so decoding a turn keeps them (as Qwen does for `<tool_call>`).
     """
-    p = protocol or Protocol()
+    p = protocol or AgentProtocol()
     specials = [PAD_TOKEN, IM_START, IM_END]
     tags = list(dict.fromkeys(p.tags))
     if vocab_size < 256 + len(specials) + len(tags):
@@ -146,7 +146,7 @@ def build_tiny(
     vocab_size: int = 2048,
     seed: int = 0,
     overwrite: bool = False,
-    protocol: Protocol | None = None,
+    protocol: AgentProtocol | None = None,
     **model_kwargs: int | bool,
 ) -> Path:
     """Train the tokenizer, build the model and save both (plus a generation config) into `out_dir`.

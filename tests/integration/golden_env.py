@@ -15,7 +15,7 @@ def build_env(tmp: Path):
     from igpo.data.oracle import OracleConfig, oracle_dataset, tokenizer_corpus
     from igpo.data.world import WorldConfig, build_world, write_world
     from igpo.models.tiny import build_tiny
-    from igpo.prompts import ChatPieces, Protocol
+    from igpo.prompts import AgentProtocol, ChatPieces
     from igpo.retriever.bm25 import BM25Retriever
     from igpo.types import RolloutBatch
     world = build_world(WorldConfig())
@@ -30,7 +30,7 @@ def build_env(tmp: Path):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     model.save_pretrained(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    protocol = Protocol()
+    protocol = AgentProtocol()
     pieces = ChatPieces.from_tokenizer(tok, protocol)
     ret = BM25Retriever(files.corpus)
     ret.setup()

@@ -24,8 +24,8 @@ from igpo.data.world import WorldConfig, build_world, write_world
 from igpo.models.tiny import IM_END, train_tokenizer
 from igpo.prompts import (
     PROBE_THINK,
+    AgentProtocol,
     ChatPieces,
-    Protocol,
     format_docs,
     observation_text,
     parse_action,
@@ -44,7 +44,7 @@ def env(tmp_path_factory: pytest.TempPathFactory):
     tokenizer = train_tokenizer(tokenizer_corpus(world, 1000), vocab_size=2048)
     retriever = BM25Retriever(files.corpus, title_boost=True)
     retriever.setup()
-    protocol = Protocol()
+    protocol = AgentProtocol()
     pieces = ChatPieces.from_tokenizer(tokenizer, protocol)
     yield world, files, tokenizer, retriever, protocol, pieces
     retriever.close()
@@ -232,7 +232,7 @@ def test_tokenizer_corpus_holds_protocol_docs_and_parsable_trajectories(env) -> 
     world, *_ = env
     texts = tokenizer_corpus(world, 50, seed=1)
     assert len(texts) == 3 + len(world.docs) + 50
-    assert Protocol().system_prompt in texts and texts == tokenizer_corpus(world, 50, seed=1)
+    assert AgentProtocol().system_prompt in texts and texts == tokenizer_corpus(world, 50, seed=1)
     assert all(f"{d.title}. {d.text}" in "\n".join(texts) for d in world.docs)
     for text in texts[-50:]:
         assert text.startswith("<|im_start|>system\n") and "<answer>" in text

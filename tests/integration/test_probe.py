@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 from igpo.algorithm.probe import ProbeParts, packed_probe, probe_inputs_from_episodes, reference_probe
-from igpo.prompts import ChatPieces, Protocol, encode, observation_text, prompt_ids
+from igpo.prompts import AgentProtocol, ChatPieces, encode, observation_text, prompt_ids
 from igpo.types import Episode, Question, RolloutBatch, Turn
 from tests.helpers import sharpen
 
@@ -141,7 +141,7 @@ def test_probe_sees_its_context_and_nothing_else(model) -> None:
 
 def test_real_episodes_with_the_trained_tokenizer(tiny_model_dir: Path, tiny_tokenizer) -> None:
     model = sharpen(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32))
-    protocol, pieces = Protocol(), ChatPieces.from_tokenizer(tiny_tokenizer)
+    protocol, pieces = AgentProtocol(), ChatPieces.from_tokenizer(tiny_tokenizer)
     episodes = []
     for g, (name, city, hops) in enumerate([("Andus Zuraston", "Garmi", 1), ("Kadus Bri", "Linashsa", 3)]):
         q = Question(f"q{g}", f"Where was {name} born?", [city, city.lower()])

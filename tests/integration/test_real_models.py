@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 from igpo.algorithm.probe import packed_probe, probe_inputs_from_episodes, reference_probe
 from igpo.generator import HFGenerator, SamplingConfig, VLLMGenerator
 from igpo.generator.sync import MergedSync
-from igpo.prompts import ChatPieces, Protocol, encode, observation_text, prompt_ids
+from igpo.prompts import AgentProtocol, ChatPieces, encode, observation_text, prompt_ids
 from igpo.types import Episode, Question, RolloutBatch, Turn
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -120,7 +120,7 @@ def test_converted_model_is_a_real_language_model(smollm2_dir: Path, smollm2_tok
 
 
 def test_packed_probe_equals_reference_probe(smollm2_dir: Path, smollm2_tokenizer) -> None:
-    tok, protocol = smollm2_tokenizer, Protocol()
+    tok, protocol = smollm2_tokenizer, AgentProtocol()
     pieces = ChatPieces.from_tokenizer(tok, protocol)
     model = fp32(smollm2_dir)
     episodes = []

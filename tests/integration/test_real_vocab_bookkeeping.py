@@ -19,8 +19,8 @@ import pytest
 from igpo.algorithm.probe import probe_inputs_from_episodes
 from igpo.generator.base import Generation, SamplingConfig
 from igpo.prompts import (
+    AgentProtocol,
     ChatPieces,
-    Protocol,
     encode,
     format_docs,
     observation_text,
@@ -49,7 +49,7 @@ def _decode(tok, ids: list[int]) -> str:
 @pytest.mark.parametrize("name", TOKENIZERS)
 def test_probe_span_is_the_exact_encoding_and_minimal(name: str, request: pytest.FixtureRequest) -> None:
     tok = request.getfixturevalue(name)
-    protocol, pieces = Protocol(), ChatPieces.from_tokenizer(tok)
+    protocol, pieces = AgentProtocol(), ChatPieces.from_tokenizer(tok)
     head, tail = protocol.probe_prefix(), protocol.answer[1] + pieces.assistant_end
     merged_with_tag = []
     for gold in ANSWERS:
@@ -81,7 +81,7 @@ def test_chat_pieces_and_prompts_from_the_real_templates(name: str, request: pyt
     assert ours.startswith("<|im_start|>system\nYou are a research assistant.")
     assert ours.endswith("<|im_start|>user\nQuestion: Where was Fennusil born?<|im_end|>\n<|im_start|>assistant\n")
     # without a system prompt the template's own default system message appears (both templates have one)
-    default = prompt_text(tok, "Where?", Protocol(system_prompt=""))
+    default = prompt_text(tok, "Where?", AgentProtocol(system_prompt=""))
     expected = "You are Qwen, created by Alibaba Cloud." if name == "qwen_tokenizer" else "You are a helpful AI"
     assert default.startswith(f"<|im_start|>system\n{expected}")
 
@@ -123,11 +123,11 @@ def retriever(tmp_path_factory: pytest.TempPathFactory):
 @pytest.mark.parametrize("entity", MERGING)
 def test_episode_bookkeeping_token_in_token_out(name: str, entity: str, retriever, request) -> None:
     tok = request.getfixturevalue(name)
-    protocol = Protocol()
+    protocol = AgentProtocol()
     search = f"<think>I need to look up {entity}.</think><search>{entity}</search>"
     answer = f"<think>Found it.</think><answer>{entity}</answer>"
     runner = RolloutRunner(ScriptedPolicy(tok, [search, answer]), retriever, tok, protocol,
-                           RolloutConfig(max_turns=3, top_k=2, max_doc_tokens=24, max_context_tokens=4096))
+                           RolloutConfig(max_turns=3, search_k=2, max_doc_tokens=24, max_context_tokens=4096))
     assert runner.pieces == ChatPieces.from_tokenizer(tok, protocol)
     q = Question("q0", f"Where was {entity} born?", [entity])
     episodes, _ = runner.run([q], group_size=2, sampling=SamplingConfig(max_new_tokens=64))

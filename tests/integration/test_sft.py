@@ -12,7 +12,7 @@ import torch
 
 from igpo.artifacts import artifact_keys
 from igpo.models.causal_lm import load_causal_lm
-from igpo.prompts import Protocol, encode
+from igpo.prompts import AgentProtocol, encode
 from igpo.sft import SFTConfig, _pack, _pad, lr_factor, run_sft, sft_loss
 from igpo.types import Episode, Question, Turn
 
@@ -89,13 +89,13 @@ def test_lr_schedule_golden_values():
 
 def test_cache_key_changes_with_every_input():
     base = dict(world_name="world-x", tokenizer={"vocab_size": 2048}, model={"hidden_size": 256}, seed=0,
-                tokenizer_texts=3000, protocol=Protocol(), sft={"max_steps": 10, "lr": 2e-3},
+                tokenizer_texts=3000, protocol=AgentProtocol(), sft={"max_steps": 10, "lr": 2e-3},
                 oracle={"probe_think": 0.2})
     ref = artifact_keys(**base)
     assert ref == artifact_keys(**base)
     changes = {
         "world_name": "world-y", "tokenizer": {"vocab_size": 1024}, "model": {"hidden_size": 128}, "seed": 1,
-        "tokenizer_texts": 100, "protocol": Protocol(content_sep=" "), "sft": {"max_steps": 11, "lr": 2e-3},
+        "tokenizer_texts": 100, "protocol": AgentProtocol(content_sep=" "), "sft": {"max_steps": 11, "lr": 2e-3},
         "oracle": {"probe_think": 0.1},
     }
     for name, value in changes.items():

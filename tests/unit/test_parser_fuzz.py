@@ -10,10 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from igpo.prompts import Action, Protocol, parse_action
+from igpo.prompts import Action, AgentProtocol, parse_action
 
-P = Protocol()
-CUSTOM = Protocol(think=("[T]", "[/T]"), search=("<tool_call>", "</tool_call>"), answer=("[A]", "[/A]"))
+P = AgentProtocol()
+CUSTOM = AgentProtocol(think=("[T]", "[/T]"), search=("<tool_call>", "</tool_call>"), answer=("[A]", "[/A]"))
 # pieces a model actually emits around the protocol: tags, broken tags, chat markers, whitespace, text
 PIECES = [*P.tags, *CUSTOM.tags, "<", ">", "</", "<think", "search>", "<<search>>", "<|im_end|>",
           "<|im_start|>assistant\n", " ", "\n", "\t", "query", "Zürich", "é", "\x00", "ans wer", "1948"]
@@ -21,7 +21,7 @@ FUZZ = settings(max_examples=5_000, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-def assert_valid(action: Action, protocol: Protocol) -> None:
+def assert_valid(action: Action, protocol: AgentProtocol) -> None:
     assert isinstance(action, Action)
     assert action.kind in ("search", "answer", "malformed")
     assert isinstance(action.content, str) and isinstance(action.think, str)

@@ -4,8 +4,8 @@ observation and probe tokens."""
 import pytest
 
 from igpo.prompts import (
+    AgentProtocol,
     ChatPieces,
-    Protocol,
     encode,
     format_docs,
     observation_ids,
@@ -43,7 +43,7 @@ def test_parse_action(text, kind, content):
 
 
 def test_parse_action_custom_tags():
-    p = Protocol(search=("<tool_call>", "</tool_call>"))
+    p = AgentProtocol(search=("<tool_call>", "</tool_call>"))
     assert parse_action("<think>t</think><tool_call>q</tool_call>", p).kind == "search"
     assert parse_action("<think>t</think><search>q</search>", p).kind == "malformed"
 
@@ -96,7 +96,7 @@ def test_probe_parts(tiny_tokenizer):
 
 def test_probe_parts_are_the_encoding_of_the_whole_probe_text(tiny_tokenizer):
     """The tiny tokenizer's tags are single added tokens, so the exact span equals the gold on its own."""
-    pieces, p = ChatPieces.from_tokenizer(tiny_tokenizer), Protocol()
+    pieces, p = ChatPieces.from_tokenizer(tiny_tokenizer), AgentProtocol()
     for gold in ["Garmi", "1948", "Andus Zuraston", "São Paulo", "naïve résumé"]:
         prefix, ids, suffix = probe_token_parts(tiny_tokenizer, pieces, gold, p)
         assert prefix + ids + suffix == encode(tiny_tokenizer, p.probe_prefix() + gold + "</answer><|im_end|>")

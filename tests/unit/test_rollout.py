@@ -66,7 +66,7 @@ def test_two_turn_episode_bookkeeping(tokenizer):
     search = "<think>I need X.</think><search>Andus Zuraston</search>"
     answer = "<think>Found.</think><answer>Garmi</answer>"
     gen, ret = ScriptedGenerator(tokenizer, [search, answer]), FixedRetriever()
-    runner = RolloutRunner(gen, ret, tokenizer, config=RolloutConfig(max_turns=4, top_k=2))
+    runner = RolloutRunner(gen, ret, tokenizer, config=RolloutConfig(max_turns=4, search_k=2))
     q = Question("q1", "Where was Andus Zuraston born?", ["Garmi"])
     episodes, stats = runner.run([q], group_size=3, sampling=SamplingConfig())
     assert len(episodes) == 3 and {e.group for e in episodes} == {0}
@@ -97,7 +97,7 @@ def test_finish_reasons(tiny_tokenizer):
         [search],
     ]
     gen = ScriptedGenerator(tiny_tokenizer, script)
-    runner = RolloutRunner(gen, FixedRetriever(), tiny_tokenizer, config=RolloutConfig(max_turns=3, top_k=1))
+    runner = RolloutRunner(gen, FixedRetriever(), tiny_tokenizer, config=RolloutConfig(max_turns=3, search_k=1))
     qs = [Question("a", "A?", ["K"]), Question("b", "B?", ["K"])]
     eps, _ = runner.run(qs, group_size=2, sampling=SamplingConfig())
     assert [e.finish for e in eps] == ["max_turns", "answer", "malformed", "malformed"]
@@ -110,7 +110,7 @@ def test_finish_reasons(tiny_tokenizer):
 def test_context_budget_ends_episode(tiny_tokenizer):
     search = "<think>x</think><search>Q</search>"
     gen = ScriptedGenerator(tiny_tokenizer, [search, search])
-    cfg = RolloutConfig(max_turns=4, top_k=2, max_context_tokens=120)
+    cfg = RolloutConfig(max_turns=4, search_k=2, max_context_tokens=120)
     eps, _ = RolloutRunner(gen, FixedRetriever(), tiny_tokenizer, config=cfg).run(
         [Question("a", "A?", ["K"])], 1, SamplingConfig(max_new_tokens=16))
     assert eps[0].finish == "max_turns" and len(gen.calls) < 4
@@ -128,11 +128,11 @@ def test_each_turn_samples_with_its_own_seed(tiny_tokenizer):
 
     search = "<think>x</think><search>Q</search>"
     gen = SeedRecorder(tiny_tokenizer, [search, search, search])
-    runner = RolloutRunner(gen, FixedRetriever(), tiny_tokenizer, config=RolloutConfig(max_turns=3, top_k=1))
+    runner = RolloutRunner(gen, FixedRetriever(), tiny_tokenizer, config=RolloutConfig(max_turns=3, search_k=1))
     runner.run([Question("a", "A?", ["K"])], 2, SamplingConfig(seed=77))
     assert gen.seeds == [77, 77 + TURN_SEED_STRIDE, 77 + 2 * TURN_SEED_STRIDE]
     unseeded = SeedRecorder(tiny_tokenizer, [search, search])
-    RolloutRunner(unseeded, FixedRetriever(), tiny_tokenizer, config=RolloutConfig(max_turns=2, top_k=1)).run(
+    RolloutRunner(unseeded, FixedRetriever(), tiny_tokenizer, config=RolloutConfig(max_turns=2, search_k=1)).run(
         [Question("a", "A?", ["K"])], 1, SamplingConfig())
     assert unseeded.seeds == [None, None]
     assert turn_sampling(SamplingConfig(seed=5, temperature=0.7), 2) == SamplingConfig(
@@ -148,7 +148,7 @@ class EmptyForSome(FixedRetriever):
 def test_empty_search_results_are_counted(tiny_tokenizer):
     script = [["<think>x</think><search>nothing here</search>", "<think>x</think><search>Andus</search>"]]
     runner = RolloutRunner(ScriptedGenerator(tiny_tokenizer, script + [["<answer>K</answer>"] * 2]), EmptyForSome(),
-                           tiny_tokenizer, config=RolloutConfig(max_turns=2, top_k=1))
+                           tiny_tokenizer, config=RolloutConfig(max_turns=2, search_k=1))
     eps, stats = runner.run([Question("a", "A?", ["K"])], 2, SamplingConfig())
     assert stats.searches == 2 and stats.empty_results == 1
     assert eps[0].turns[0].docs == [] and eps[0].turns[0].obs_ids  # still observed ("No results.")
@@ -163,7 +163,7 @@ def test_retriever_with_wrong_number_of_result_lists_is_a_clear_error(tiny_token
     from igpo.rollout import RetrieverContractError
 
     gen = ScriptedGenerator(tiny_tokenizer, ["<think>x</think><search>Q</search>"])
-    runner = RolloutRunner(gen, WrongCount(), tiny_tokenizer, config=RolloutConfig(max_turns=2, top_k=1))
+    runner = RolloutRunner(gen, WrongCount(), tiny_tokenizer, config=RolloutConfig(max_turns=2, search_k=1))
     with pytest.raises(RetrieverContractError, match=r"WrongCount.search_batch returned 2 result lists for 3 queries"):
         runner.run([Question("a", "A?", ["K"])], 3, SamplingConfig())
 

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from igpo.models.tiny import build_tiny, main, read_corpus
-from igpo.prompts import ChatPieces, Protocol
+from igpo.prompts import AgentProtocol, ChatPieces
 
 SMALL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64}
 TEXTS = [
@@ -45,14 +45,14 @@ def test_digits_are_split_one_by_one(tiny_tokenizer) -> None:
 
 
 def test_tags_and_chatml_markers_are_single_ids(tiny_tokenizer) -> None:
-    for token in [*Protocol().tags, "<|im_start|>", "<|im_end|>", "<|endoftext|>"]:
+    for token in [*AgentProtocol().tags, "<|im_start|>", "<|im_end|>", "<|endoftext|>"]:
         ids = tiny_tokenizer.encode(token, add_special_tokens=False)
         assert len(ids) == 1, token
         assert tiny_tokenizer.convert_ids_to_tokens(ids) == [token]
     # tags stay single ids inside running text, and the ids are distinct
     ids = tiny_tokenizer.encode("a<search>b</search>c", add_special_tokens=False)
     assert tiny_tokenizer.convert_tokens_to_ids("<search>") in ids
-    tag_ids = [tiny_tokenizer.convert_tokens_to_ids(t) for t in Protocol().tags]
+    tag_ids = [tiny_tokenizer.convert_tokens_to_ids(t) for t in AgentProtocol().tags]
     assert len(set(tag_ids)) == len(tag_ids)
     assert tiny_tokenizer.eos_token == "<|im_end|>" and tiny_tokenizer.pad_token == "<|endoftext|>"
     assert set(tiny_tokenizer.all_special_tokens) == {"<|endoftext|>", "<|im_start|>", "<|im_end|>"}
