@@ -130,7 +130,7 @@ def main() -> None:
     ap.add_argument("--run-dir", type=Path, default=None, help="default: outputs/bench/smollm2_<time>")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "smollm2.md")
     ap.add_argument("--only", nargs="*", choices=["eval_before", "train", "eval_after"], default=None,
-                    help="run only these stages now (the markdown reports the stages done so far)")
+                    help="run only these stages now (none: just write the report of the stages done so far)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for all three commands")
     args = ap.parse_args()
     run_dir = (args.run_dir or ROOT / "outputs" / "bench" / time.strftime("smollm2_%Y-%m-%d_%H-%M-%S")).resolve()
@@ -150,7 +150,7 @@ def main() -> None:
     for name, cmd in cmds.items():  # a stage whose result exists is not rerun (resume, or --only a stage)
         stats_file = run_dir / f"{name}.json"
         if not (done[name].is_file() and stats_file.is_file()):
-            if args.only and name not in args.only:
+            if args.only is not None and name not in args.only:
                 continue
             load = os.getloadavg()[0]
             stats = run(cmd, run_dir / f"{name}.log")
