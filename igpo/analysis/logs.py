@@ -109,12 +109,18 @@ def turns_frame(episodes: pd.DataFrame | Run | PathLike) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=TURN_COLUMNS)
 
 
-def load_eval(run_or_dir: Run | PathLike) -> pd.DataFrame:
-    """`eval.py`'s summary (`eval_metrics.json`) as a frame indexed by data source (plus "all", "macro")."""
+def eval_metrics(run_or_dir: Run | PathLike) -> tuple[Path, dict[str, Any]]:
+    """(path, content) of the `eval_metrics.json` that `eval.py` writes at the end of a run."""
     path = (run_or_dir.path if isinstance(run_or_dir, Run) else Path(run_or_dir)) / "eval_metrics.json"
     if not path.is_file():
         raise NotARunError(f"{path.parent}: no eval_metrics.json (eval.py writes it at the end of a run)")
-    summary = json.loads(path.read_text(encoding="utf-8")).get("summary")
+    return path, json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_eval(run_or_dir: Run | PathLike) -> pd.DataFrame:
+    """`eval.py`'s summary (`eval_metrics.json`) as a frame indexed by data source (plus "all", "macro")."""
+    path, data = eval_metrics(run_or_dir)
+    summary = data.get("summary")
     if not isinstance(summary, dict):
         raise ValueError(f"{path}: no 'summary' mapping")
     return pd.DataFrame.from_dict(summary, orient="index").rename_axis("source")

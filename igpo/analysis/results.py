@@ -6,17 +6,15 @@ files or corpora in one column unless told to.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from omegaconf import OmegaConf
 
-from igpo.analysis.logs import load_episodes
+from igpo.analysis.logs import eval_metrics, load_episodes
 from igpo.analysis.runs import NotARunError, PathLike, Run, _as_run, run_assets
 from igpo.protocol import RESOLVED_CONFIG, STRICT_FIELDS, MeasurementProtocol, ResultRecord, protocol_from_config
 from igpo.stats import align, bootstrap_mean, per_question
@@ -24,10 +22,8 @@ from igpo.stats import align, bootstrap_mean, per_question
 
 def load_records(run_or_dir: Run | PathLike) -> list[ResultRecord]:
     """The result records an eval run wrote into `eval_metrics.json` (one per source row and metric)."""
-    path = (run_or_dir.path if isinstance(run_or_dir, Run) else Path(run_or_dir)) / "eval_metrics.json"
-    if not path.is_file():
-        raise NotARunError(f"{path.parent}: no eval_metrics.json (eval.py writes it at the end of a run)")
-    records = json.loads(path.read_text(encoding="utf-8")).get("records")
+    path, data = eval_metrics(run_or_dir)
+    records = data.get("records")
     if not isinstance(records, list):
         raise ValueError(f"{path}: no 'records' list (written by an igpo older than its protocol records)")
     return [ResultRecord.from_dict(r) for r in records]

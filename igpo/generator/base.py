@@ -54,3 +54,12 @@ def split_stops(
             raise ValueError(f"split_stops: stop #{i} must be a non-empty string, got {s!r}")
     added = tokenizer.get_added_vocab() if use_token_ids else {}
     return [added[s] for s in stops if s in added], [s for s in stops if s not in added]
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], where: str) -> None:
+    """Every generator's input check: a list of non-empty token-id lists (`where` names the caller)."""
+    if not isinstance(prompts, list | tuple):
+        raise TypeError(f"{where}: expected a list of token-id lists, got {type(prompts).__name__}")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"{where}: sequence #{i} is empty")

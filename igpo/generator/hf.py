@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from igpo.generator.base import Generation, SamplingConfig, split_stops
+from igpo.generator.base import Generation, SamplingConfig, check_prompts, split_stops
 
 NamedTensors = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -75,7 +75,7 @@ class HFGenerator:
         caller's (trainer's) RNG stream is left untouched.
         """
         model = self._model()
-        _check(prompts, "HFGenerator.generate")
+        check_prompts(prompts, "HFGenerator.generate")
         if not prompts:
             return []
         stop_ids, stop_strings = split_stops(self.tokenizer, sampling.stop, self.stop_ids_for_tokens)
@@ -124,7 +124,7 @@ class HFGenerator:
     def score(self, sequences: list[list[int]]) -> list[list[float]]:
         """Per-token log-probs of given sequences by a teacher-forced forward (position 0 = 0.0)."""
         model = self._model()
-        _check(sequences, "HFGenerator.score")
+        check_prompts(sequences, "HFGenerator.score")
         if not sequences:
             return []
         result: list[list[float]] = []
@@ -202,11 +202,3 @@ def _eval(model: nn.Module) -> Iterator[None]:
 
 def _as_list(x: int | list[int] | None) -> list[int]:
     return [] if x is None else [x] if isinstance(x, int) else list(x)
-
-
-def _check(prompts: list[list[int]], where: str) -> None:
-    if not isinstance(prompts, list | tuple):
-        raise TypeError(f"{where}: expected a list of token-id lists, got {type(prompts).__name__}")
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"{where}: sequence #{i} is empty")

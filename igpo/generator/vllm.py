@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from igpo.generator.base import Generation, SamplingConfig, split_stops
+from igpo.generator.base import Generation, SamplingConfig, check_prompts, split_stops
 
 if TYPE_CHECKING:
     NamedTensors = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
@@ -180,7 +180,7 @@ class VLLMGenerator:
         """
         from vllm.inputs import TokensPrompt
 
-        _check_prompts(prompts, "VLLMGenerator.generate")
+        check_prompts(prompts, "VLLMGenerator.generate")
         seeds = [None if sampling.seed is None else sampling.seed + i for i in range(len(prompts))]
         params = [self.sampling_params(sampling, s) for s in seeds]
         outputs = self._engine().generate(
@@ -208,7 +208,7 @@ class VLLMGenerator:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        _check_prompts(sequences, "VLLMGenerator.score")
+        check_prompts(sequences, "VLLMGenerator.score")
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, detokenize=False)
         outputs = self._engine().generate(
             [TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params,
@@ -294,11 +294,3 @@ def _keep_global_rng() -> Iterator[None]:
         yield
     random.setstate(py_state)
     np.random.set_state(np_state)
-
-
-def _check_prompts(prompts: list[list[int]], where: str) -> None:
-    if not isinstance(prompts, list | tuple):
-        raise TypeError(f"{where}: expected a list of token-id lists, got {type(prompts).__name__}")
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"{where}: prompt #{i} is empty")

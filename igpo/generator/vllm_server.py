@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
-from igpo.generator.base import Generation, SamplingConfig, split_stops
+from igpo.generator.base import Generation, SamplingConfig, check_prompts, split_stops
 
 Routing = Literal["round_robin", "prefix"]
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
@@ -163,14 +163,14 @@ class VLLMServerGenerator:
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Generation]:
         """Sample one continuation per token-id prompt (prompt i with seed `sampling.seed + i`)."""
-        _check_prompts(prompts, "VLLMServerGenerator.generate")
+        check_prompts(prompts, "VLLMServerGenerator.generate")
         seeds = [None if sampling.seed is None else sampling.seed + i for i in range(len(prompts))]
         bodies = [self.request_body(p, sampling, s) for p, s in zip(prompts, seeds, strict=True)]
         return self._map(prompts, bodies, self._to_generation)
 
     def score(self, sequences: list[list[int]]) -> list[list[float]]:
         """Per-token log-probs of given token sequences under the served weights (position 0 = 0.0)."""
-        _check_prompts(sequences, "VLLMServerGenerator.score")
+        check_prompts(sequences, "VLLMServerGenerator.score")
         bodies = [{"model": self.lora_name or self.model, "prompt": list(s), "max_tokens": 1,
                    "temperature": 1.0, "prompt_logprobs": 0} for s in sequences]
 
@@ -340,11 +340,3 @@ def _short(e: BaseException) -> str:
         if i >= 0:
             return text[max(i - 1, 0):].split("'))")[0].split("\"))")[0][:200]
     return text[:200]
-
-
-def _check_prompts(prompts: list[list[int]], where: str) -> None:
-    if not isinstance(prompts, list | tuple):
-        raise TypeError(f"{where}: expected a list of token-id lists, got {type(prompts).__name__}")
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"{where}: prompt #{i} is empty")

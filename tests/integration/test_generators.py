@@ -282,7 +282,7 @@ def test_score_equals_a_transformers_forward(sharp_vllm, sharp_hf, sharp_dir, pr
 
 
 def test_bad_input_is_named(sharp_vllm, sharp_hf) -> None:
-    with pytest.raises(ValueError, match="prompt #1 is empty"):
+    with pytest.raises(ValueError, match="sequence #1 is empty"):
         sharp_vllm.generate([[5, 6], []], SamplingConfig())
     with pytest.raises(ValueError, match="sequence #0 is empty"):
         sharp_hf.score([[]])
