@@ -45,7 +45,7 @@ def test_smollm2_experiment_end_to_end(smollm2_dir: Path, tmp_path: Path) -> Non
     pytest.importorskip("vllm")
     from omegaconf import open_dict
 
-    from igpo.evaluate import run_eval as evaluate
+    from igpo.evaluate import run_eval
     from igpo.run import build, compose_config
 
     artifacts = tmp_path / "artifacts"
@@ -89,7 +89,7 @@ def test_smollm2_experiment_end_to_end(smollm2_dir: Path, tmp_path: Path) -> Non
                                    "data.max_per_source=2"], root=str(tmp_path))
     with open_dict(ecfg):
         ecfg.data.path = "${assets.heldout_questions}"
-    summary = evaluate(ecfg)
+    summary = run_eval(ecfg)
     assert Path(ecfg.assets.model) == sft_dir and (sft_dir / "config.json").stat().st_mtime_ns == stamp
     assert summary["all"]["count"] == summary["all"]["questions"] >= 2
     assert (tmp_path / "eval" / "eval_metrics.json").is_file()
