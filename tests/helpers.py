@@ -31,3 +31,12 @@ def make_bigram(model: torch.nn.Module, transitions: dict[int, int]) -> torch.nn
         for a, b in transitions.items():
             head[b] += emb[a] / emb[a].norm()
     return model
+
+
+def perturb_lora(model: torch.nn.Module, seed: int, std: float = 0.05) -> None:
+    """A stand-in for a training step: draw every LoRA B (zero at init) at random."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)

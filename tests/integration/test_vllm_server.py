@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from igpo.generator import HFGenerator, SamplingConfig, ServerAdapterSync, ServerError, VLLMServerGenerator
 from igpo.generator.sync import sequence_logprobs
 from igpo.prompts import encode, prompt_ids
-from tests.helpers import sharpen
+from tests.helpers import perturb_lora, sharpen
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 120
@@ -137,14 +137,6 @@ def client(srv: Server, sharp_dir: Path, **kwargs) -> VLLMServerGenerator:
 def lora_model(model_dir: Path) -> torch.nn.Module:
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
-
-
-def perturb_lora(model: torch.nn.Module, seed: int, std: float = 0.05) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
 def max_diff(a: list[list[float]], b: list[list[float]]) -> float:

@@ -29,22 +29,13 @@ from igpo.generator.sync import (
     merged_state_dict,
 )
 from igpo.prompts import encode, prompt_ids
-from tests.helpers import sharpen
+from tests.helpers import perturb_lora, sharpen
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TOL = 1e-4
 SYNC_SECONDS: dict[str, list[float]] = {}
-
-
-def perturb_lora(model: torch.nn.Module, seed: int, std: float = 0.05) -> None:
-    """A stand-in for a training step: draw every LoRA B (zero at init) at random."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
 def trainer_logprobs(model: torch.nn.Module, seqs: list[list[int]]) -> list[list[float]]:
