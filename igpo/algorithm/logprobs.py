@@ -102,10 +102,47 @@ def token_logprobs_at(
         raise ValueError(f"token_logprobs_at: select {tuple(select.shape)} must match input_ids "
                          f"{tuple(input_ids.shape)}")
     hidden = decoder_hidden(model, input_ids, attention_mask)
+    return logprobs_from_hidden(hidden, input_ids, select, model.get_output_embeddings(), with_entropy=with_entropy,
+                                chunk_size=chunk_size, temperature=temperature)
+
+
+def decoder_hidden_and_cache(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, object]:
+    """Final hidden states [B, L, H] and the decoder's KV cache (a transformers `DynamicCache` holding every
+    layer's keys/values, part of the autograd graph when gradients are on) of one forward over right-padded
+    rows. The fused probe (`igpo.algorithm.probe.probe_from_cache`) reads the cache under no_grad.
+    Raises if the model dropped the cache (transformers disables it under gradient checkpointing in
+    training mode): callers check `cache_usable(model)` first."""
+    decoder = model.get_decoder()
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
+    if out.past_key_values is None:
+        raise RuntimeError("decoder_hidden_and_cache: the model returned no KV cache (gradient checkpointing in "
+                           "training mode disables it)")
+    return out.last_hidden_state, out.past_key_values
+
+
+def cache_usable(model: nn.Module) -> bool:
+    """Whether a forward of `model` in its current mode returns a KV cache: not under gradient checkpointing
+    while training (transformers then drops `use_cache` and `past_key_values`)."""
+    return not (model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()))
+
+
+def logprobs_from_hidden(
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    select: torch.Tensor,
+    head: nn.Module,
+    *,
+    with_entropy: bool = False,
+    chunk_size: int | None = None,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`token_logprobs_at` from final hidden states [B, L, H] already computed (see there)."""
     sel = select.to(torch.bool).clone()
     sel[:, 0] = False
     rows, cols = sel.nonzero(as_tuple=True)
-    lp, ent = head_logprobs(hidden[rows, cols - 1], input_ids[rows, cols], model.get_output_embeddings(),
+    lp, ent = head_logprobs(hidden[rows, cols - 1], input_ids[rows, cols], head,
                             with_entropy=with_entropy, chunk_size=chunk_size, temperature=temperature)
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=hidden.device)
     out = out.index_put((rows, cols), lp)

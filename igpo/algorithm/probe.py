@@ -192,6 +192,90 @@ def packed_probe(
                        None if entropy is None else entropy.to(out))
 
 
+def probe_from_cache(
+    model: nn.Module,
+    hidden: torch.Tensor,
+    cache,
+    lengths: Sequence[int],
+    boundaries: Sequence[Sequence[int]],
+    parts: Sequence[ProbeParts],
+) -> list[list[float]]:
+    """The probe values of trajectories whose forward already ran, from that forward's KV cache (the fused
+    path: the update's own forward, `igpo.algorithm.logprobs.decoder_hidden_and_cache`).
+
+    `hidden` [B, W, H] and `cache` come from one forward over the right-padded rows [B, W] (real lengths
+    `lengths`). Only the probe blocks (prefix + gold of every turn, concatenated per row) run through the
+    decoder, under no_grad, attending to the cached keys/values of S[:b_t] and causally to their own block:
+    the attention pattern of `packed_probe`, whose values these equal up to float rounding. The cache is
+    read, not changed (transformers' DynamicCache appends by concatenation into new tensors; the caller
+    drops it afterwards). The model's mode is left as it is (the caller runs without dropout)."""
+    n_rows, width = hidden.shape[:2]
+    if len(lengths) != n_rows or len(boundaries) != n_rows or len(parts) != n_rows:
+        raise ValueError(f"probe_from_cache: {n_rows} rows but {len(lengths)} lengths, {len(boundaries)} boundary "
+                         f"lists and {len(parts)} parts")
+    device = hidden.device
+    attn = _attn_implementation(model)
+    blocks = []  # per row: (ids, pos, seg, ctx, pred (index into [trajectory | blocks]), gold, counts)
+    for i in range(n_rows):
+        prefix, gold, _ = (list(x) for x in parts[i])
+        block, m = prefix + gold, len(prefix) + len(gold)
+        bs = list(boundaries[i])
+        for t, b in enumerate(bs):
+            if not 1 <= b <= lengths[i]:
+                raise ValueError(f"probe: episode {i} turn {t}: boundary {b} outside [1, {lengths[i]}]")
+        if bs and not gold:
+            raise ValueError(f"probe: episode {i}: empty gold answer ids")
+        ids, pos, seg, ctx, pred = [], [], [], [], []
+        for t, b in enumerate(bs):
+            offset = len(ids)
+            ids += block
+            pos += range(b, b + m)
+            seg += [t] * m
+            ctx += [b] * m
+            for j in range(len(gold)):
+                local = len(prefix) + j
+                pred.append(width + offset + local - 1 if local > 0 else b - 1)  # b - 1: a trajectory row
+        blocks.append((ids, pos, seg, ctx, pred, gold * len(bs), [len(gold)] * len(bs)))
+    q = max((len(b[0]) for b in blocks), default=0)
+    if q == 0:
+        return [[] for _ in range(n_rows)]
+    ids = torch.zeros((n_rows, q), dtype=torch.long)
+    pos = torch.zeros_like(ids)
+    seg = torch.full_like(ids, -1)
+    ctx = torch.zeros_like(ids)
+    for r, (bi, bp, bsg, bc, *_rest) in enumerate(blocks):
+        k = len(bi)
+        if k:
+            ids[r, :k], pos[r, :k] = torch.tensor(bi), torch.tensor(bp)
+            seg[r, :k], ctx[r, :k] = torch.tensor(bsg), torch.tensor(bc)
+    # [B, 1, q, width + q]: block t sees S[:b_t] (cached part) and itself causally; padding sees itself
+    k_idx = torch.arange(width)
+    sees_context = (seg[:, :, None] >= 0) & (k_idx[None, None, :] < ctx[:, :, None])
+    j = torch.arange(q)
+    causal = j[None, :] <= j[:, None]
+    same_block = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0) & causal
+    own = same_block | torch.eye(q, dtype=torch.bool)
+    allowed = torch.cat([sees_context, own], dim=2)[:, None]
+    if attn == "sdpa":
+        mask = allowed
+    else:
+        dtype = _dtype(model)
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        out = model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                  position_ids=pos.to(device), past_key_values=cache, use_cache=True)
+        both = torch.cat([hidden.detach(), out.last_hidden_state.to(hidden.dtype)], dim=1)  # [B, width + q, H]
+        which = torch.cat([torch.full((len(b[4]),), r, dtype=torch.long) for r, b in enumerate(blocks)])
+        pred = torch.cat([torch.tensor(b[4], dtype=torch.long) for b in blocks])
+        gold = torch.cat([torch.tensor(b[5], dtype=torch.long) for b in blocks])
+        gold_lp = head_logprobs(both[which.to(device), pred.to(device)], gold.to(device), head)[0].cpu()
+    probes: list[list[float]] = []
+    for b, chunk in zip(blocks, torch.split(gold_lp, [len(b[5]) for b in blocks]), strict=True):
+        probes.append([v.mean().item() for v in torch.split(chunk, b[6])])
+    return probes
+
+
 @dataclass
 class _Packed:
     ids: list[int]  # S then the probe blocks
