@@ -112,9 +112,12 @@ def write_table(folder: Path, md: Path) -> None:
         lines.append(f"| {r['variant']} | {r['steps']} | {r['what']} | {h1['em']:.3f} [{h1['lo']:.3f}, {h1['hi']:.3f}] "
                      f"(n={h1['n']}) | {h2['em']:.3f} [{h2['lo']:.3f}, {h2['hi']:.3f}] (n={h2['n']}) | "
                      f"{r['sft_stats']['loss_last20']:.3f} | {h2['format_ok']:.2f} |")
+    # the hand-written reading below the table (from its "Reading" line on) survives a rewrite
+    old = md.read_text() if md.exists() else ""
+    tail = old[old.index("\nReading"):] if "\nReading" in old else ""
     from igpo.io import atomic_write
 
-    atomic_write(md, "\n".join(lines) + "\n")
+    atomic_write(md, "\n".join(lines) + "\n" + tail)
 
 
 if __name__ == "__main__":
