@@ -114,14 +114,26 @@ def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, bf16: bo
     """Token-mean NLL of the tokens where batch["loss_mask"] is 1, for a padded or a packed batch."""
     ids, mask = batch["input_ids"], batch["loss_mask"]
     device = ids.device.type
+    att, pos = batch["attention_mask"], batch.get("position_ids")
+    if pos is None and right_padded(att):
+        # padding only after each row's last token cannot reach a real token under causal attention, so the
+        # mask is dropped: sdpa then takes its causal kernel instead of a [B, L, L] masked one (~1.6-2x
+        # faster fwd+bwd on CPU, measured in benchmarks/sft_throughput.py); real positions are unchanged
+        att = None
     with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-        hidden = decoder_hidden(model, ids, batch["attention_mask"], batch.get("position_ids"))
+        hidden = decoder_hidden(model, ids, att, pos)
         sel = mask.bool().clone()
         sel[:, 0] = False  # position 0 has no predictor (never a loss token in practice)
         rows, cols = sel.nonzero(as_tuple=True)
         lp, _ = head_logprobs(hidden[rows, cols - 1], ids[rows, cols], model.get_output_embeddings(),
                               chunk_size=chunk_size)
     return -lp.sum() / max(int(sel.sum()), 1)
+
+
+def right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row is its real tokens followed only by padding (1...1 0...0)."""
+    att = attention_mask.bool()
+    return bool((att[:, 1:] <= att[:, :-1]).all())
 
 
 # ---------------------------------------------------------------------------------------------- batching

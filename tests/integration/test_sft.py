@@ -13,7 +13,7 @@ import torch
 from igpo.artifacts import artifact_keys
 from igpo.models.causal_lm import load_causal_lm
 from igpo.prompts import AgentProtocol, encode
-from igpo.sft import SFTConfig, _pack, _pad, lr_factor, run_sft, sft_loss
+from igpo.sft import SFTConfig, _pack, _pad, lr_factor, right_padded, run_sft, sft_loss
 from igpo.types import Episode, Question, Turn
 
 pytestmark = pytest.mark.slow
@@ -74,6 +74,20 @@ def test_packing_changes_the_layout_not_the_loss(tiny_model_dir, tiny_tokenizer,
         a = sft_loss(model, padded, bf16=False)
         b = sft_loss(model, packed, bf16=False)
     assert float(a) == pytest.approx(float(b), abs=1e-5)
+
+
+def test_right_padded_batches_drop_the_mask_and_keep_the_loss(tiny_model_dir, tiny_tokenizer, tiny_texts):
+    assert right_padded(torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]]))
+    assert not right_padded(torch.tensor([[1, 1, 1], [0, 1, 1]]))  # left padding keeps the mask
+    assert not right_padded(torch.tensor([[1, 0, 1]]))
+    eps = _episodes(tiny_tokenizer, [t for t in tiny_texts if "<|im_start|>" in t], n=6)
+    padded = _pad([(e.token_ids, e.loss_mask) for e in eps], tiny_tokenizer.pad_token_id)
+    assert right_padded(padded["attention_mask"]) and not bool(padded["attention_mask"].all())
+    masked = dict(padded, position_ids=torch.arange(padded["input_ids"].shape[1]).expand_as(padded["input_ids"]))
+    model = load_causal_lm(str(tiny_model_dir)).eval()
+    with torch.no_grad():  # causal-only kernel vs the explicit padding mask (kept when positions are given)
+        assert float(sft_loss(model, padded, bf16=False)) == pytest.approx(
+            float(sft_loss(model, masked, bf16=False)), abs=1e-6)
 
 
 def test_lr_schedule_golden_values():
