@@ -6,7 +6,9 @@ prediction first, then the measurements (medians over `--repeats` after a warm-u
 line of ratios. Definitions (every time measured in this run, same questions and seeds):
   generation   vLLM rollouts with bm25s searches;
   floor        generation + one forward/backward over the same tokens (the on-policy update itself);
-  IGPO step    generation + packed probe + update + sync (kl_coef = 0: no reference pass);
+  IGPO step    generation + update with the fused probe (probe blocks on the update's KV cache) + sync
+               (kl_coef = 0: no reference pass); the separate-pass IGPO step (packed probe pass + plain
+               update, `fused_probe=false`) is printed beside it as step_vs_floor_separate;
   IGPO+KL      the same + the reference pass (the paper's KL coefficient 0.001);
   GRPO step    generation + update + sync (the cheapest correct GRPO: no probe, no old-log-prob pass);
   step_vs_floor = IGPO step / floor (goal <= 1.2), step_vs_floor_kl = IGPO+KL / floor (goal <= 1.35),
@@ -34,14 +36,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PREDICTION = """prediction (written before measuring; bf16 autocast, log-softmax only at policy tokens):
-  step_vs_floor      ~1.25: the packed probe is one forward (~1/3 of the update's forward+backward) over the
-                       trajectory plus short probe blocks, but its 4D block mask keeps sdpa on its slower path
-  step_vs_floor_kl   ~1.45: the reference pass adds another forward
-  igpo_vs_grpo_step  ~1.25: the same probe forward over a GRPO step that is generation + update only
+PREDICTION = """prediction (written before measuring; bf16 autocast; fused probe: the probe blocks run against the
+KV cache of the update's own forward, so IGPO has no probe pass over the trajectory):
+  step_vs_floor      ~1.05-1.10: the fused probe adds only the probe blocks (~T*(prefix+gold) tokens per
+                       episode, attending to the cached trajectory) to the update: ~0.3-0.6 s on a ~6 s update
+  step_vs_floor_kl   ~1.25-1.35: the reference pass (~2 s, now length-sorted chunks without padding columns)
+                       stays a separate forward
+  igpo_vs_grpo_step  ~1.05-1.10: the same probe-block cost over a GRPO step of generation + update
+  separate-pass IGPO (the previous path, for comparison) ~1.3 as before
   probe_overhead     ~1.05-1.15 (as before: the packed pass also yields the old log-probs)
   vllm_speedup       ~2-3 (as before), sync_share ~0.005
-  ratio_dev          bf16 update ~1e-2, fp32 update ~1e-2 (the old log-probs themselves are bf16)"""
+  ratio_dev          bf16 update ~1e-5, fp32 update ~1e-3 (as before)"""
 
 
 def main() -> None:
@@ -59,7 +64,7 @@ def main() -> None:
 
     from igpo.algorithm.config import AlgorithmConfig
     from igpo.algorithm.probe import packed_probe, probe_inputs_from_episodes, reference_probe
-    from igpo.algorithm.scoring import ScoringPlan, score_batch
+    from igpo.algorithm.scoring import ScoringPlan, defer_scores, score_batch
     from igpo.data.questions import load_questions
     from igpo.generator.base import SamplingConfig
     from igpo.generator.hf import HFGenerator
@@ -136,33 +141,52 @@ def main() -> None:
     print(f"same {len(turn_batches)} turn batches ({sum(map(len, turn_batches))} prompts, greedy): "
           f"vLLM {t_vllm:.2f}s, transformers {t_hf:.2f}s")
 
-    # (d) the step's parts through the trainer's own code: score_batch (IGPO / IGPO+KL / GRPO) and the update
+    # (d) the step's parts through the trainer's own code: the callback's scoring (score_batch, or defer_scores
+    # for the fused probe) and the update (IGPOPolicy._accumulate + clip + AdamW step)
     algo_ig, algo_kl = AlgorithmConfig(kl_coef=0.0), AlgorithmConfig()
     algo_grpo = AlgorithmConfig(ig_weight=0.0, kl_coef=0.0)
     parts_ids = probe_inputs_from_episodes(batch.episodes, tok, runner.pieces, runner.protocol)[1]
-    policy.algorithm = algo_ig  # the update's cost does not depend on the KL term's arithmetic; no reference needed
-    score_t: dict[str, list[float]] = {"igpo": [], "igpo_kl": [], "grpo": []}
-    update_t: list[float] = []
+    score_t: dict[str, list[float]] = {k: [] for k in ("igpo_sep", "igpo", "igpo_kl", "grpo")}
+    update_t: dict[str, list[float]] = {k: [] for k in ("plain", "sep", "fused", "fused_kl")}
+    probe_in_update: list[float] = []
     for _ in range(args.repeats):
-        for name, algo in (("igpo", algo_ig), ("igpo_kl", algo_kl), ("grpo", algo_grpo)):
-            plan = ScoringPlan.for_config(algo, on_policy=True, bf16=bf16, chunk_size=16)
+        for name, algo, fused in (("igpo_sep", algo_ig, False), ("igpo", algo_ig, True), ("igpo_kl", algo_kl, True),
+                                  ("grpo", algo_grpo, False)):
+            plan = ScoringPlan.for_config(algo, on_policy=True, bf16=bf16, chunk_size=16, fused=fused)
             t0 = time.perf_counter()
-            scores = score_batch(batch, policy.model, algo, plan, probe_parts=parts_ids if plan.probe else None,
-                                 reference=policy.reference)
+            if plan.fused:
+                scores = defer_scores(batch, policy.model, algo, plan, probe_parts=parts_ids,
+                                      reference=policy.reference)
+            else:
+                scores = score_batch(batch, policy.model, algo, plan, probe_parts=parts_ids if plan.probe else None,
+                                     reference=policy.reference)
             score_t[name].append(time.perf_counter() - t0)
-        batch.scores = scores
-        update_t.append(_update(policy, batch))
-    s_ig, s_kl, s_grpo = (statistics.median(score_t[k]) for k in ("igpo", "igpo_kl", "grpo"))
-    t_update = statistics.median(update_t)
+            policy.algorithm = algo
+            batch.scores = scores
+            key = {"igpo_sep": "sep", "igpo": "fused", "igpo_kl": "fused_kl", "grpo": "plain"}[name]
+            seconds, metrics = _update(policy, batch)
+            update_t[key].append(seconds)
+            if key == "fused":
+                probe_in_update.append(metrics.get("probe_s", 0.0))
+    s_sep, s_ig, s_kl, s_grpo = (statistics.median(score_t[k]) for k in ("igpo_sep", "igpo", "igpo_kl", "grpo"))
+    u_plain, u_sep, u_fused, u_fused_kl = (statistics.median(update_t[k])
+                                           for k in ("plain", "sep", "fused", "fused_kl"))
+    t_probe_blocks = statistics.median(probe_in_update)
+    policy.algorithm = algo_ig
     syncs = [MergedSync().sync(policy.model, vllm_gen, v) for v in range(1, 4)]
     t_sync = statistics.median(syncs)
-    floor = roll + t_update
-    igpo = roll + s_ig + t_update + t_sync
-    igpo_kl = roll + s_kl + t_update + t_sync
-    grpo = roll + s_grpo + t_update + t_sync
-    print(f"RL step parts: generation {roll:.2f}s, probe {s_ig:.2f}s, probe+reference {s_kl:.2f}s, GRPO scoring "
-          f"{s_grpo:.3f}s, update {t_update:.2f}s, sync {t_sync:.3f}s -> IGPO {igpo:.2f}s, IGPO+KL {igpo_kl:.2f}s, "
-          f"GRPO {grpo:.2f}s, floor {floor:.2f}s")
+    floor = roll + u_plain
+    igpo = roll + s_ig + u_fused + t_sync
+    igpo_kl = roll + s_kl + u_fused_kl + t_sync
+    grpo = roll + s_grpo + u_plain + t_sync
+    igpo_sep = roll + s_sep + u_sep + t_sync
+    print(f"RL step parts: generation {roll:.2f}s, GRPO update {u_plain:.2f}s (floor {floor:.2f}s), GRPO scoring "
+          f"{s_grpo:.3f}s, sync {t_sync:.3f}s\n"
+          f"  fused IGPO: callback {s_ig:.3f}s, update {u_fused:.2f}s (of which probe blocks on the cache "
+          f"{t_probe_blocks:.2f}s) -> {igpo:.2f}s\n"
+          f"  fused IGPO+KL: callback (reference pass) {s_kl:.2f}s, update {u_fused_kl:.2f}s -> {igpo_kl:.2f}s\n"
+          f"  separate-pass IGPO (fused_probe=false): probe pass {s_sep:.2f}s, update {u_sep:.2f}s -> {igpo_sep:.2f}s\n"
+          f"  GRPO {grpo:.2f}s")
 
     # (e) precision: |ratio - 1| of the first mini-batch when π_old comes from the bf16 probe pass
     plan = ScoringPlan.for_config(algo_kl, on_policy=False, bf16=True, chunk_size=16)
@@ -175,27 +199,30 @@ def main() -> None:
     base = roll + plain
     a, b, c, d = (roll + fast) / base, (base + ref) / base, t_hf / t_vllm, t_sync / igpo_kl
     r1, r2, r3 = igpo / floor, igpo_kl / floor, igpo / grpo
+    r_sep = igpo_sep / floor
     print(f"\nmeasured: step_vs_floor={r1:.3f} (goal <= 1.2)  step_vs_floor_kl={r2:.3f} (goal <= 1.35)  "
-          f"igpo_vs_grpo_step={r3:.3f} (goal <= 1.15)")
+          f"igpo_vs_grpo_step={r3:.3f} (goal <= 1.15)  separate-pass step_vs_floor={r_sep:.3f}")
     print(f"          a={a:.3f} (goal <= 1.10)  b={b:.3f}  c={c:.2f} (goal >= 1.5)  d={d:.4f} (goal <= 0.02)")
     print(f"device={args.device} dtype={args.dtype} precision={'bf16' if bf16 else 'fp32'} model={model_dir} "
           f"threads={torch.get_num_threads()} cpus={os.cpu_count()} load_avg={os.getloadavg()[0]:.1f}")
     print(f"probe_overhead={a:.3f} reference_probe_overhead={b:.3f} vllm_speedup={c:.2f} sync_share={d:.4f} "
           f"step_vs_floor={r1:.3f} step_vs_floor_kl={r2:.3f} igpo_vs_grpo_step={r3:.3f} "
+          f"step_vs_floor_separate={r_sep:.3f} "
           f"ratio_dev_bf16={dev['bf16']:.2e} ratio_dev_fp32={dev['fp32']:.2e}")
 
 
-def _update(policy, batch) -> float:
-    """One on-policy update exactly as training_step runs it (micro-batches, backward, clip, AdamW step)."""
+def _update(policy, batch) -> tuple[float, dict[str, float]]:
+    """One on-policy update exactly as training_step runs it (micro-batches, backward, clip, AdamW step);
+    with DeferredScores on the batch, the fused probe runs inside it. Returns (seconds, _accumulate's metrics)."""
     opt = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=1e-6)
     policy.manual_backward = lambda loss: loss.backward()
     policy.model.train()
     t0 = time.perf_counter()
     opt.zero_grad()
-    policy._accumulate(batch, torch.arange(len(batch)), 0, [str(i) for i in range(len(batch))])
+    metrics = policy._accumulate(batch, torch.arange(len(batch)), 0, [str(i) for i in range(len(batch))])
     torch.nn.utils.clip_grad_norm_([p for p in policy.model.parameters() if p.requires_grad], 1.0)
     opt.step()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, metrics
 
 
 def _ratio_dev(policy, batch, old, precision: str) -> float:

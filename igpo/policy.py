@@ -30,9 +30,11 @@ import torch
 
 from igpo.algorithm.config import AlgorithmConfig
 from igpo.algorithm.guards import NonFiniteGuard, total_grad_norm
-from igpo.algorithm.logprobs import token_logprobs_at
+from igpo.algorithm.logprobs import cache_usable, decoder_hidden_and_cache, logprobs_from_hidden, token_logprobs_at
 from igpo.algorithm.loss import policy_loss
+from igpo.algorithm.probe import probe_from_cache
 from igpo.algorithm.rewards import episode_metrics
+from igpo.algorithm.scoring import DeferredScores
 from igpo.models.causal_lm import DEFAULT_TARGETS, LoraSettings, load_causal_lm
 from igpo.types import RolloutBatch
 
@@ -82,6 +84,7 @@ class IGPOPolicy(L.LightningModule):
         log_entropy: bool = True,
         head_chunk_size: int | None = None,
         max_consecutive_skips: int = 3,
+        fused_probe: bool = True,
     ) -> None:
         super().__init__()
         self.model_name = model
@@ -94,6 +97,7 @@ class IGPOPolicy(L.LightningModule):
         self.precision_settings = precision or PrecisionSettings()
         self.log_entropy, self.head_chunk_size = log_entropy, head_chunk_size
         self.guard = NonFiniteGuard(max_consecutive_skips)
+        self.fused_probe_setting = fused_probe  # see the `fused_probe` property
         # test hook (tests/integration/test_nonfinite.py): (step, log-probs [b, L]) -> log-probs, applied to the
         # update's log-probs before the non-finite guard sees them; None in every real run
         self._inject: Callable[[int, torch.Tensor], torch.Tensor] | None = None
@@ -105,6 +109,7 @@ class IGPOPolicy(L.LightningModule):
             "optim": asdict(self.optim), "ppo_epochs": ppo_epochs, "mini_batch_size": mini_batch_size,
             "micro_batch_size": micro_batch_size, "torch_dtype": torch_dtype,
             "precision": asdict(self.precision_settings), "max_consecutive_skips": max_consecutive_skips,
+            "fused_probe": fused_probe,
         }))
         self.model: torch.nn.Module | None = None
         self.ref_model: torch.nn.Module | None = None
@@ -136,6 +141,14 @@ class IGPOPolicy(L.LightningModule):
     def is_on_policy(self, n_episodes: int) -> bool:
         """One PPO epoch over one mini-batch: π_old is the update's own (detached) policy."""
         return self.ppo_epochs == 1 and (self.mini_batch_size is None or self.mini_batch_size >= n_episodes)
+
+    @property
+    def fused_probe(self) -> bool:
+        """Score the probe inside the update's own forward when the update is on-policy (the callback asks;
+        `igpo.algorithm.scoring.DeferredScores`): on unless switched off (`fused_probe=False`), or the
+        update's forward cannot give a dropout-free KV cache (gradient checkpointing drops the cache in
+        training mode; LoRA dropout would make the probe differ from the eval-mode separate pass)."""
+        return self.fused_probe_setting and not self.gradient_checkpointing and not self.lora.dropout
 
     def forward_logprobs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_entropy: bool = True,
@@ -170,6 +183,8 @@ class IGPOPolicy(L.LightningModule):
         s = batch.scores
         inputs = {"advantages": s.advantages, "old_logprobs": s.old_logprobs, "ref_logprobs": s.ref_logprobs}
         n = len(batch)
+        # fused probe (DeferredScores): the update fills in each episode's probe values from its own forward
+        probes: list | None = [None] * n if isinstance(s, DeferredScores) else None
         mb = n if self.mini_batch_size is None else min(self.mini_batch_size, n)
         sums: dict[str, float] = defaultdict(float)
         updates = skipped = 0
@@ -180,7 +195,7 @@ class IGPOPolicy(L.LightningModule):
                 for start in range(0, n, mb):
                     idx = order[start: start + mb]
                     opt.zero_grad()
-                    metrics = self._accumulate(batch, idx, step, ids)
+                    metrics = self._accumulate(batch, idx, step, ids, probes=probes)
                     verdict = self.guard.check(step, {"loss": metrics.get("loss", float("nan")),
                                                       "grad_norm": total_grad_norm(params)})
                     if metrics.get("skip") or verdict.skip:
@@ -193,6 +208,9 @@ class IGPOPolicy(L.LightningModule):
                     updates += 1
                     for k, v in metrics.items():
                         sums[k] += v
+        if probes is not None:  # complete, immutable Scores before anyone reads them (callbacks, dumps, logs)
+            s = batch.scores = s.complete(batch, probes, self.model, bf16=self.precision_settings.probe == "bf16",
+                                          probe_s=sums.pop("probe_s", 0.0))
         _count_step(opt)
         self.optimizer_steps += updates
         logs = {f"train/{k}": v / max(updates, 1) for k, v in sums.items() if k != "ratio_dev_first"}
@@ -204,9 +222,15 @@ class IGPOPolicy(L.LightningModule):
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=n)
         return torch.tensor(logs.get("train/loss", float("nan")))
 
-    def _accumulate(self, batch: RolloutBatch, idx: torch.Tensor, step: int, ids: list[str]) -> dict[str, float]:
+    def _accumulate(self, batch: RolloutBatch, idx: torch.Tensor, step: int, ids: list[str],
+                    probes: list | None = None) -> dict[str, float]:
         """Backward over micro-batches of `idx`, weighting each by its share of the aggregation units
-        (tokens for token-mean, sequences otherwise) so the result equals one big-batch step."""
+        (tokens for token-mean, sequences otherwise) so the result equals one big-batch step.
+
+        Fused probe (`batch.scores` is `DeferredScores`, on-policy: `idx` is the whole batch): micro-batches
+        hold whole groups; each one's forward also yields its KV cache, against which the probe blocks run
+        (no grad); the probe values give the advantages (`DeferredScores.advantages_for`) before the loss.
+        The probe values are written into `probes[row]` (rows of `batch`)."""
         a = self.algorithm
         units = _agg_units(batch.loss_mask[idx], a.loss_agg)
         total = max(float(units.sum()), 1.0)
@@ -215,29 +239,52 @@ class IGPOPolicy(L.LightningModule):
         out: dict[str, float] = defaultdict(float)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                   enabled=self.precision_settings.update == "bf16")
-        for start in range(0, len(idx), self.micro_batch_size):
-            sub_idx = idx[start: start + self.micro_batch_size]
+        fused = isinstance(batch.scores, DeferredScores)
+        if fused:
+            if len(idx) != len(batch) or not cache_usable(self.model):
+                raise RuntimeError("IGPOPolicy: the fused probe needs an on-policy update (one mini-batch) whose "
+                                   "forward keeps its KV cache (no gradient checkpointing); see `fused_probe`")
+            chunks = DeferredScores.micro_batches(batch, self.micro_batch_size)
+            probes = [None] * len(batch) if probes is None else probes
+        else:
+            chunks = [idx[s: s + self.micro_batch_size] for s in range(0, len(idx), self.micro_batch_size)]
+        for sub_idx in chunks:
             sub = batch.select(sub_idx)
             weight = float(_agg_units(sub.loss_mask, a.loss_agg).sum()) / total
             if weight == 0:
                 continue
             width = int(sub.attention_mask.sum(1).max())
             tok, att, mask = sub.input_ids[:, :width], sub.attention_mask[:, :width], sub.loss_mask[:, :width]
+            sc = sub.scores
             with autocast:
-                logprobs, entropy = token_logprobs_at(self.model, tok, att, mask.bool(), with_entropy=need_entropy,
-                                                      chunk_size=self.head_chunk_size)
+                if fused:  # one forward: its hidden states for the loss, its KV cache for the probe blocks
+                    hidden, cache = decoder_hidden_and_cache(self.model, tok, att)
+                    t_probe = time.perf_counter()
+                    sub_probes = probe_from_cache(self.model, hidden, cache, att.sum(1).tolist(), sc.boundaries,
+                                                  sc.probe_parts)
+                    del cache
+                    out["probe_s"] += time.perf_counter() - t_probe
+                    for i, p in zip(sub_idx.tolist(), sub_probes, strict=True):
+                        probes[i] = p
+                    logprobs, entropy = logprobs_from_hidden(
+                        hidden, tok, mask.bool(), self.model.get_output_embeddings(), with_entropy=need_entropy,
+                        chunk_size=self.head_chunk_size)
+                else:
+                    logprobs, entropy = token_logprobs_at(self.model, tok, att, mask.bool(), with_entropy=need_entropy,
+                                                          chunk_size=self.head_chunk_size)
+            advantages = sc.advantages_for(sub, sub_probes)[:, :width] if fused else sc.advantages[:, :width]
             if self._inject is not None:
                 logprobs = self._inject(step, logprobs)
             sub_ids = [ids[int(i)] for i in sub_idx]
-            if self.guard.check(step, {"logprobs": logprobs}, mask, sub_ids).skip:
+            checked = {"logprobs": logprobs} | ({"advantages": advantages} if fused else {})
+            if self.guard.check(step, checked, mask, sub_ids).skip:
                 return {"skip": 1.0}
-            sc = sub.scores
             old = logprobs.detach() if sc.old_logprobs is None else sc.old_logprobs[:, :width]
             ref = None if sc.ref_logprobs is None else sc.ref_logprobs[:, :width]
             if a.kl_coef != 0 and ref is None:
                 raise RuntimeError("IGPOPolicy: kl_coef > 0 but the batch's scores have no reference log-probs")
             loss, m = policy_loss(
-                logprobs, old, ref, sc.advantages[:, :width], mask, entropy if a.entropy_coef != 0 else None,
+                logprobs, old, ref, advantages, mask, entropy if a.entropy_coef != 0 else None,
                 clip_low=a.clip_low, clip_high=a.clip_high, dual_clip=a.dual_clip, kl_coef=a.kl_coef,
                 entropy_coef=a.entropy_coef, agg=a.loss_agg,
             )

@@ -5,6 +5,13 @@ Before `training_step`, with the pre-update weights, it makes one call into the 
 gains, turn rewards, group-normalised and discounted token advantages, old and reference log-probs when
 the configuration needs them) to the batch. Which passes run follows from the policy's settings: no
 probe for GRPO, no reference pass when kl_coef = 0, no old-log-prob pass when the update is on-policy.
+
+Fused plan (on-policy IGPO, `IGPOPolicy.fused_probe`, the default): the probe costs no forward of its own.
+The callback still owns the scoring: it attaches `DeferredScores` (probe inputs, reference log-probs,
+the algorithm and progress), and the update scores the probe blocks of each micro-batch of whole groups
+against the KV cache of its own forward, then asks `DeferredScores.advantages_for` for the advantages
+(the same pure turn_scores → z-norm → discount → tokens) before its loss; by the end of `training_step`
+the batch holds the ordinary, complete `Scores`.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from __future__ import annotations
 import lightning as L
 
 from igpo.algorithm.probe import probe_inputs_from_episodes
-from igpo.algorithm.scoring import ScoringPlan, score_batch
+from igpo.algorithm.scoring import ScoringPlan, defer_scores, score_batch
 from igpo.prompts import probe_token_parts
 from igpo.types import RolloutBatch
 
@@ -34,7 +41,8 @@ class IGPOAdvantageCallback(L.Callback):
     def plan(self, pl_module, n_episodes: int) -> ScoringPlan:
         return ScoringPlan.for_config(pl_module.algorithm, on_policy=pl_module.is_on_policy(n_episodes),
                                       bf16=pl_module.precision_settings.probe == "bf16", chunk_size=self.chunk_size,
-                                      probe_always=self.probe_always)
+                                      probe_always=self.probe_always,
+                                      fused=bool(getattr(pl_module, "fused_probe", False)))
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch: RolloutBatch, batch_idx: int) -> None:
         dm = trainer.datamodule
@@ -45,5 +53,9 @@ class IGPOAdvantageCallback(L.Callback):
         reference = pl_module.reference if plan.reference else None
         # training progress of this step, for a weight curriculum (AlgorithmConfig.at_progress)
         progress = trainer.global_step / trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        if plan.fused:
+            batch.scores = defer_scores(batch, pl_module.model, pl_module.algorithm, plan, probe_parts=parts,
+                                        reference=reference, progress=progress)
+            return
         batch.scores = score_batch(batch, pl_module.model, pl_module.algorithm, plan, probe_parts=parts,
                                    reference=reference, progress=progress)

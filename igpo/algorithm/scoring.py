@@ -20,7 +20,7 @@ import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 import torch
@@ -93,12 +93,20 @@ class ScoringPlan:
     reference: bool  # kl_coef > 0
     bf16: bool = True  # autocast for the no-grad passes
     chunk_size: int = 16  # episodes per forward
+    fused: bool = False  # the probe runs inside the update's own forward (on-policy only): `defer_scores`
+
+    def __post_init__(self) -> None:
+        if self.fused and (not self.probe or self.old_logprobs):
+            raise ValueError("ScoringPlan: fused=True needs a probe and an on-policy update (no old log-probs)")
 
     @classmethod
     def for_config(cls, algo: AlgorithmConfig, *, on_policy: bool, bf16: bool = True, chunk_size: int = 16,
-                   probe_always: bool = False) -> ScoringPlan:
-        return cls(probe=algo.ig_weight > 0 or probe_always, old_logprobs=not on_policy,
-                   reference=algo.kl_coef > 0, bf16=bf16, chunk_size=chunk_size)
+                   probe_always: bool = False, fused: bool = False) -> ScoringPlan:
+        """`fused`: score the probe inside the update's forward when the rest allows it (a probe runs and
+        the update is on-policy); otherwise the probe runs here as a separate pass."""
+        probe = algo.ig_weight > 0 or probe_always
+        return cls(probe=probe, old_logprobs=not on_policy, reference=algo.kl_coef > 0, bf16=bf16,
+                   chunk_size=chunk_size, fused=fused and probe and on_policy)
 
 
 def score_batch(
@@ -122,10 +130,12 @@ def score_batch(
         raise ValueError("score_batch: plan.reference needs a `reference` context manager (the adapter disabled)")
     if algo.ig_weight > 0 and not plan.probe:
         raise ValueError("score_batch: the algorithm has ig_weight > 0 but the plan runs no probe")
+    if plan.fused:
+        raise ValueError("score_batch: a fused plan is scored by `defer_scores` (the probe runs in the update)")
     device = next(model.parameters()).device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=plan.bf16)
     select = batch.loss_mask.bool()
-    old, ref, probes = [], [], []
+    old, ref, probes = [], None, []
     t0 = time.perf_counter()
     with torch.no_grad(), _eval_mode(model), autocast:
         for s in range(0, len(batch), plan.chunk_size):
@@ -144,12 +154,7 @@ def score_batch(
         probe_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         if plan.reference:
-            with reference() as ref_model, _eval_mode(ref_model):
-                for s in range(0, len(batch), plan.chunk_size):
-                    ids = batch.input_ids[s: s + plan.chunk_size].to(device)
-                    att = batch.attention_mask[s: s + plan.chunk_size].to(device)
-                    sel = select[s: s + plan.chunk_size].to(device)
-                    ref.append(token_logprobs_at(ref_model, ids, att, sel)[0])
+            ref = _reference_pass(batch, reference, plan.chunk_size, device)
         ref_s = time.perf_counter() - t1
     out = batch.input_ids.device
     rewards, turn_adv, stats = turn_scores(batch.episodes, probes if plan.probe else None, batch.group_ids, algo,
@@ -159,12 +164,163 @@ def score_batch(
     return Scores(
         advantages=advantages,
         old_logprobs=torch.cat(old).float().to(out) if old else None,
-        ref_logprobs=torch.cat(ref).float().to(out) if ref else None,
+        ref_logprobs=ref.to(out) if ref is not None else None,
         probe_logprobs=tuple(tuple(p) for p in probes) if plan.probe else None,
         turn_rewards=tuple(tuple(r) for r in rewards),
         turn_advantages=tuple(tuple(turn_adv[i, : len(r)].tolist()) for i, r in enumerate(rewards)),
         stats=MappingProxyType(stats),
     )
+
+
+def _reference_pass(batch: RolloutBatch, reference: Callable[[], AbstractContextManager], chunk_size: int,
+                    device: torch.device) -> torch.Tensor:
+    """[E, L] fp32 log π_ref at the policy tokens (call under no_grad and the plan's autocast): episodes in
+    chunks of similar length (sorted by length), each chunk cut to its longest episode (no all-padding
+    columns), the decoder once, the head only at loss-mask positions. Row-wise, so the order is free."""
+    select = batch.loss_mask.bool()
+    lengths = batch.attention_mask.sum(1).tolist()
+    order = sorted(range(len(batch)), key=lambda i: lengths[i])
+    out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=device)
+    with reference() as ref_model, _eval_mode(ref_model):
+        for s in range(0, len(batch), chunk_size):
+            rows = order[s: s + chunk_size]
+            width = max(max(lengths[i] for i in rows), 1)
+            idx = torch.tensor(rows, dtype=torch.long, device=batch.input_ids.device)
+            ids = batch.input_ids[idx, :width].to(device)
+            att = batch.attention_mask[idx, :width].to(device)
+            sel = select[idx, :width].to(device)
+            out[idx.to(device), :width] = token_logprobs_at(ref_model, ids, att, sel)[0]
+    return out
+
+
+@dataclass(frozen=True)
+class DeferredScores:
+    """Scores whose probe runs inside the update's own forward (a fused plan, on-policy only).
+
+    The callback attaches this instead of `Scores`; it owns everything but the probe forward: the probe
+    inputs, the reference log-probs (run here when kl_coef > 0), the algorithm and training progress.
+    `IGPOPolicy._accumulate` processes `micro_batches` of whole groups; for each it computes the probe
+    values from its own forward's KV cache and calls `advantages_for` (pure: probe values of whole groups →
+    turn rewards → group z-norm → γ-discount → token advantages, `turn_scores` as in `score_batch`). At the
+    end of the step `complete` builds the ordinary immutable `Scores` of the whole batch (the same numbers,
+    whole-batch stats), which replaces this object on the batch before anyone else reads it.
+    Per-episode fields are row-aligned with the batch (`select` slices them with it).
+    """
+
+    boundaries: tuple[tuple[int, ...], ...]
+    probe_parts: tuple[ProbeParts, ...]
+    algo: AlgorithmConfig
+    progress: float | None
+    ref_logprobs: torch.Tensor | None
+    group_sizes: Mapping[int, int]  # episodes per group in the whole batch
+    stats: Mapping[str, float] = field(default_factory=dict)
+
+    old_logprobs = None  # on-policy: the update's own log-probs, detached
+    advantages = None  # not known before the update's forward
+
+    @staticmethod
+    def micro_batches(batch: RolloutBatch, micro_batch_size: int) -> list[torch.Tensor]:
+        """Row indices of micro-batches of whole groups, in first-seen group order, each holding as many
+        whole groups as fit in `micro_batch_size` episodes (at least one group)."""
+        members: dict[int, list[int]] = {}
+        for i, g in enumerate(batch.group_ids.tolist()):
+            members.setdefault(int(g), []).append(i)
+        out, cur = [], []
+        for rows in members.values():
+            if cur and len(cur) + len(rows) > micro_batch_size:
+                out.append(torch.tensor(cur, dtype=torch.long))
+                cur = []
+            cur += rows
+        if cur:
+            out.append(torch.tensor(cur, dtype=torch.long))
+        return out
+
+    def advantages_for(self, sub: RolloutBatch, probe_logprobs: Sequence[Sequence[float]]) -> torch.Tensor:
+        """Token advantages [len(sub), L] of a sub-batch of whole groups (its scores `select`ed from this
+        object's batch) from their probe values."""
+        groups = [int(g) for g in sub.group_ids.tolist()]
+        for g in set(groups):
+            if groups.count(g) != self.group_sizes[g]:
+                raise ValueError(f"DeferredScores.advantages_for: group {g} has {groups.count(g)} of its "
+                                 f"{self.group_sizes[g]} episodes here; micro-batches must hold whole groups")
+        _, turn_adv, _ = turn_scores(sub.episodes, probe_logprobs, sub.group_ids, self.algo, progress=self.progress)
+        return broadcast_to_tokens(turn_adv.to(sub.turn_ids.device), sub.turn_ids, sub.loss_mask).float()
+
+    def complete(self, batch: RolloutBatch, probe_logprobs: Sequence[Sequence[float] | None],
+                 model: nn.Module | None = None, *, bf16: bool = True, probe_s: float = 0.0) -> Scores:
+        """The whole batch's `Scores` from the probe values the update computed (None for rows it did not
+        reach, e.g. after a non-finite skip: those are probed here with a separate no-grad pass of `model`)."""
+        probes = list(probe_logprobs)
+        if len(probes) != len(batch):
+            raise ValueError(f"DeferredScores.complete: {len(probes)} probe rows for {len(batch)} episodes")
+        missing = [i for i, p in enumerate(probes) if p is None]
+        if missing:
+            if model is None:
+                raise ValueError(f"DeferredScores.complete: {len(missing)} rows have no probe values and no model")
+            device = next(model.parameters()).device
+            idx = torch.tensor(missing, dtype=torch.long)
+            t0 = time.perf_counter()
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                res = packed_probe(model, batch.input_ids[idx.to(batch.input_ids.device)].to(device),
+                                   batch.attention_mask[idx.to(batch.input_ids.device)].to(device),
+                                   [list(self.boundaries[i]) for i in missing], [self.probe_parts[i] for i in missing],
+                                   return_token_logprobs=False)
+            probe_s += time.perf_counter() - t0
+            for i, p in zip(missing, res.probe_logprobs, strict=True):
+                probes[i] = p
+        rewards, turn_adv, stats = turn_scores(batch.episodes, probes, batch.group_ids, self.algo,
+                                              progress=self.progress)
+        advantages = broadcast_to_tokens(turn_adv.to(batch.turn_ids.device), batch.turn_ids, batch.loss_mask).float()
+        stats = dict(self.stats) | stats | {"time/probe_s": probe_s}
+        return Scores(
+            advantages=advantages, old_logprobs=None, ref_logprobs=self.ref_logprobs,
+            probe_logprobs=tuple(tuple(p) for p in probes), turn_rewards=tuple(tuple(r) for r in rewards),
+            turn_advantages=tuple(tuple(turn_adv[i, : len(r)].tolist()) for i, r in enumerate(rewards)),
+            stats=MappingProxyType(stats))
+
+    def select(self, idx: torch.Tensor) -> DeferredScores:
+        """Rows `idx` (micro-batches)."""
+        pick = [int(i) for i in idx]
+        ref = None if self.ref_logprobs is None else self.ref_logprobs[idx.to(self.ref_logprobs.device)]
+        return replace(self, boundaries=tuple(self.boundaries[i] for i in pick),
+                       probe_parts=tuple(self.probe_parts[i] for i in pick), ref_logprobs=ref)
+
+    def to(self, device: torch.device | str) -> DeferredScores:
+        return replace(self, ref_logprobs=None if self.ref_logprobs is None else self.ref_logprobs.to(device))
+
+
+def defer_scores(
+    batch: RolloutBatch,
+    model: nn.Module,
+    algo: AlgorithmConfig,
+    plan: ScoringPlan,
+    *,
+    probe_parts: Sequence[ProbeParts],
+    reference: Callable[[], AbstractContextManager] | None = None,
+    progress: float | None = None,
+) -> DeferredScores:
+    """The fused plan's half of `score_batch`: the reference pass now (when `plan.reference`), the probe
+    and everything that depends on it in the update (`DeferredScores`)."""
+    if not plan.fused:
+        raise ValueError("defer_scores: the plan is not fused (use score_batch)")
+    if plan.reference and reference is None:
+        raise ValueError("defer_scores: plan.reference needs a `reference` context manager (the adapter disabled)")
+    if len(probe_parts) != len(batch):
+        raise ValueError(f"defer_scores: {len(batch)} episodes but {len(probe_parts)} probe parts")
+    if algo.scheduled and progress is None:
+        raise ValueError(f"defer_scores: algorithm {algo.name!r} has a weight curriculum but no training progress")
+    device = next(model.parameters()).device
+    ref_s, ref = 0.0, None
+    if plan.reference:
+        t0 = time.perf_counter()
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=plan.bf16):
+            ref = _reference_pass(batch, reference, plan.chunk_size, device).to(batch.input_ids.device)
+        ref_s = time.perf_counter() - t0
+    sizes: dict[int, int] = {}
+    for g in batch.group_ids.tolist():
+        sizes[int(g)] = sizes.get(int(g), 0) + 1
+    return DeferredScores(tuple(tuple(e.probe_boundaries) for e in batch.episodes), tuple(probe_parts), algo,
+                          progress, ref, MappingProxyType(sizes), MappingProxyType({"time/reference_s": ref_s}))
 
 
 def turn_scores(

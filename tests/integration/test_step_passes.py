@@ -6,6 +6,9 @@
   and gradients as a separate old-log-prob pass (1e-6, fp32).
 - Configurations skip the passes they make useless: no reference pass at kl_coef = 0, no probe for GRPO,
   no entropy at entropy_coef = 0 when it is not logged — with the same loss.
+- The fused probe (probe blocks scored against the KV cache of the update's own forward, advantages
+  computed per micro-batch of whole groups) gives the same probe values, advantages, loss and gradients as
+  the separate probe pass (fp32), with no probe pass over the trajectory; through the trainer too.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 from igpo.algorithm import logprobs as logprobs_module
 from igpo.algorithm.config import AlgorithmConfig
 from igpo.algorithm.probe import probe_inputs_from_episodes
-from igpo.algorithm.scoring import ScoringPlan, score_batch
+from igpo.algorithm.scoring import DeferredScores, ScoringPlan, defer_scores, score_batch
 from igpo.policy import IGPOPolicy, LoraSettings, PrecisionSettings
 
 from .golden_env import build_env, run_two_steps
@@ -163,3 +166,65 @@ def test_bf16_scoring_stays_close_to_fp32(env):
     flat16 = torch.tensor([v for p in bf16.probe_logprobs for v in p])
     assert (flat32 - flat16).abs().max() < 0.1
     assert replace(policy.precision_settings, update="bf16").update == "bf16"
+
+
+def _flat(probes) -> torch.Tensor:
+    return torch.tensor([v for p in probes for v in p], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("micro", [6, 4])  # 6: two groups of 3 per micro-batch; 4: rounded to one group
+def test_fused_probe_equals_the_separate_probe_pass(env, micro):
+    model_dir, tok, pieces, protocol, batches = env
+    policy = _policy(model_dir)
+    policy.micro_batch_size = micro
+    policy.model.train()  # as in training_step (no dropout: LoRA dropout 0)
+    batch = batches[0]
+    n = len(batch)
+    separate = _score(policy, batch, tok, pieces, protocol)  # packed probe pass + reference pass
+    batch.scores = separate
+    loss_a, grads_a = _loss_and_grads(policy, batch)
+
+    counter = _Counter(policy.model)
+    parts = probe_inputs_from_episodes(batch.episodes, tok, pieces, protocol)[1]
+    plan = ScoringPlan.for_config(policy.algorithm, on_policy=True, bf16=False, chunk_size=6, fused=True)
+    assert plan.fused and plan.reference
+    deferred = defer_scores(batch, policy.model, policy.algorithm, plan, probe_parts=parts,
+                            reference=policy.reference)
+    assert counter.n == 2  # the reference pass only (2 chunks of 6): no probe pass before the update
+    assert torch.equal(deferred.ref_logprobs, separate.ref_logprobs)
+    batch.scores = deferred
+    counter.n = 0
+    policy.model.zero_grad()
+    probes = [None] * n
+    metrics = policy._accumulate(batch, torch.arange(n), 0, [str(i) for i in range(n)], probes=probes)
+    chunks = DeferredScores.micro_batches(batch, micro)
+    assert counter.n == 2 * len(chunks)  # per micro-batch: the update's forward + the probe blocks on its cache
+    grads_b = {k: p.grad.clone() for k, p in policy.model.named_parameters() if p.grad is not None}
+    fused = deferred.complete(batch, probes)
+    batch.scores = separate
+
+    probe_diff = float((_flat(fused.probe_logprobs) - _flat(separate.probe_logprobs)).abs().max())
+    adv_diff = float((fused.advantages - separate.advantages).abs().max())
+    grad_diff = max(float((grads_b[k] - g).abs().max()) for k, g in grads_a.items())
+    print(f"micro={micro}: max |probe diff| {probe_diff:.2e}, max |advantage diff| {adv_diff:.2e}, "
+          f"|loss diff| {abs(metrics['loss'] - loss_a):.2e}, max |grad diff| {grad_diff:.2e}")
+    assert probe_diff < 1e-5
+    assert adv_diff < 1e-5
+    assert metrics["loss"] == pytest.approx(loss_a, rel=1e-6)
+    assert set(grads_b) == set(grads_a)
+    for name, g in grads_a.items():
+        assert (grads_b[name] - g).norm() <= 1e-6 * g.norm() + 1e-9, name
+    for r1, r2 in zip(fused.turn_rewards, separate.turn_rewards, strict=True):
+        assert r1 == pytest.approx(r2, abs=1e-5)
+    assert fused.stats["reward/outcome"] == separate.stats["reward/outcome"]
+
+
+def test_fused_and_separate_training_steps_agree(env):
+    """Through the trainer (callback → training_step → callbacks reading batch.scores after the step)."""
+    rec_fused = run_two_steps(*env, precision=FP32)  # on-policy: fused by default
+    rec_sep = run_two_steps(*env, precision=FP32, fused_probe=False)
+    for f, s in zip(rec_fused, rec_sep, strict=True):
+        assert f["loss"] == pytest.approx(s["loss"], rel=1e-5)
+        assert float((f["advantages"] - s["advantages"]).abs().max()) < 1e-4
+        for pf, ps in zip(f["probe"], s["probe"], strict=True):
+            assert pf == pytest.approx(ps, abs=1e-5)
