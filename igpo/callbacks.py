@@ -7,6 +7,7 @@ compares the log-probs, so a sync that goes stale mid-run stops the run (or is l
 silently training on off-policy samples.
 `EpisodeLogger` writes a TensorBoard text summary of a few sampled episodes with their per-turn gains,
 a histogram of gains by turn index, and appends sampled episodes as JSONL under the run directory.
+Under DDP every rank syncs its own engine; only rank 0 writes episodes (those of its share of the step).
 """
 
 from __future__ import annotations
@@ -164,7 +165,8 @@ def default_tolerance(generator) -> float:
 
 class EpisodeLogger(L.Callback):
     """Every `every_n_steps`: `n_text` episodes as TensorBoard text, gains histogram per turn index,
-    and `n_dump` episodes appended to `<log_dir>/episodes.jsonl` (one write per step)."""
+    and `n_dump` episodes appended to `<log_dir>/episodes.jsonl` (one write per step). Under DDP, rank 0
+    writes the episodes of its own share of the step; the other ranks write nothing."""
 
     def __init__(self, every_n_steps: int = 1, n_text: int = 2, n_dump: int = 8, seed: int = 0) -> None:
         self.every_n_steps, self.n_text, self.n_dump = every_n_steps, n_text, n_dump
@@ -180,7 +182,7 @@ class EpisodeLogger(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch: RolloutBatch, batch_idx: int) -> None:
         step = trainer.global_step - 1  # the 0-based index of the rollout batch just trained (as in the logs)
-        if batch.scores is None or step % self.every_n_steps:
+        if batch.scores is None or step % self.every_n_steps or not trainer.is_global_zero:
             return
         tok = trainer.datamodule.tokenizer
         picks = self.rng.sample(range(len(batch)), min(self.n_dump, len(batch)))

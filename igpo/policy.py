@@ -35,6 +35,7 @@ from igpo.algorithm.loss import policy_loss
 from igpo.algorithm.probe import probe_from_cache
 from igpo.algorithm.rewards import episode_metrics
 from igpo.algorithm.scoring import DeferredScores
+from igpo.distributed import all_sum, gather_lists, mean_over_ranks, rank_and_world
 from igpo.models.causal_lm import DEFAULT_TARGETS, LoraSettings, load_causal_lm
 from igpo.types import RolloutBatch
 
@@ -219,7 +220,7 @@ class IGPOPolicy(L.LightningModule):
         logs |= {"time/update_s": time.perf_counter() - t0, "train/optimizer_steps": float(self.optimizer_steps),
                  "train/skipped_steps": float(self.guard.skipped_steps), "train/skipped_updates": float(skipped)}
         logs |= dict(batch.stats) | dict(s.stats)
-        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=n)
+        self.log_dict(mean_over_ranks(logs), on_step=True, on_epoch=False, batch_size=n)  # DDP: over ranks
         return torch.tensor(logs.get("train/loss", float("nan")))
 
     def _accumulate(self, batch: RolloutBatch, idx: torch.Tensor, step: int, ids: list[str],
@@ -233,7 +234,9 @@ class IGPOPolicy(L.LightningModule):
         The probe values are written into `probes[row]` (rows of `batch`)."""
         a = self.algorithm
         units = _agg_units(batch.loss_mask[idx], a.loss_agg)
-        total = max(float(units.sum()), 1.0)
+        # DDP: normalise by the units of all ranks, ÷ world size because DDP averages gradients over ranks,
+        # so N ranks give the gradient of one process on the union batch (igpo.distributed)
+        total = max(all_sum(float(units.sum())), 1.0) / rank_and_world()[1]
         need_entropy = a.entropy_coef != 0 or self.log_entropy
         first = self.optimizer_steps == 0 and int(idx[0]) == 0  # the first mini-batch of the run
         out: dict[str, float] = defaultdict(float)
@@ -305,6 +308,7 @@ class IGPOPolicy(L.LightningModule):
             self._val[ep.question.data_source].append(episode_metrics(ep))
 
     def on_validation_epoch_end(self) -> None:
+        self._val = defaultdict(list, gather_lists(self._val))  # DDP: every rank's episodes (means over episodes)
         rows = [r for rs in self._val.values() for r in rs]
         if not rows:
             return

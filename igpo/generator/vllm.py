@@ -85,6 +85,7 @@ class VLLMGenerator:
         self.startup_seconds = 0.0
         self._saved_env: dict[str, str | None] = {}
         self._saved_threads: tuple[Any, int] | None = None
+        self._shared_world = False  # the engine joined a process group it did not create (DDP trainer)
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -97,6 +98,11 @@ class VLLMGenerator:
         from vllm import LLM
 
         vllm.envs.disable_envs_cache()  # a previous engine may have frozen the old values
+        # Under a DDP trainer torch.distributed is already initialised: vLLM then builds its (size-1) tensor-
+        # parallel groups inside that world, one engine per rank ("external data parallel"), which needs every
+        # rank to start its engine at the same time (Lightning's setup hooks do); close() must then leave the
+        # trainer's process group alone.
+        self._shared_world = torch.distributed.is_available() and torch.distributed.is_initialized()
         # The CPU worker sets torch to 1 intra-op thread and replaces torch.set_num_threads by a no-op for
         # the whole process; the trainer shares this process, so the function is put back right away and
         # the thread count is restored by close() (or set to `torch_threads` now).
@@ -127,7 +133,10 @@ class VLLMGenerator:
             engine_core.shutdown()  # model executor, scheduler, distributed groups (in-process client)
         self.llm = self.tokenizer = self.lora = None
         gc.collect()
-        cleanup_dist_env_and_memory()
+        if self._shared_world:
+            _release_vllm_groups()
+        else:
+            cleanup_dist_env_and_memory()
         self._restore_process_state()
 
     def _restore_process_state(self) -> None:
@@ -294,3 +303,18 @@ def _keep_global_rng() -> Iterator[None]:
         yield
     random.setstate(py_state)
     np.random.set_state(np_state)
+
+
+def _release_vllm_groups() -> None:
+    """vLLM's own process groups (tensor/pipeline/data-parallel and its copy of the world group), without
+    `cleanup_dist_env_and_memory`'s destroy_process_group() of the default group, which belongs to the
+    DDP trainer this engine runs in."""
+    import vllm.envs
+    from vllm.distributed import parallel_state as ps
+
+    vllm.envs.disable_envs_cache()
+    ps.destroy_model_parallel()
+    if ps._WORLD is not None:
+        ps._WORLD.destroy()
+    ps._WORLD = ps._NODE_COUNT = None
+    gc.collect()

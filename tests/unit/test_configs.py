@@ -66,7 +66,11 @@ def build_pieces(cfg: DictConfig) -> dict[str, object]:
     }
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c and c.get("_target_")]
     loggers = [instantiate(c) for c in cfg.logger.values() if c and c.get("_target_")]
-    pieces["trainer"] = instantiate(cfg.trainer, accelerator="cpu", callbacks=callbacks, logger=loggers)
+    on_cpu: dict[str, object] = {"accelerator": "cpu"}
+    if isinstance(cfg.trainer.get("strategy"), DictConfig):  # a GPU strategy object (FSDP): built by itself,
+        pieces["strategy"] = instantiate(cfg.trainer.strategy)  # the trainer moved to one CPU process
+        on_cpu |= {"strategy": "auto", "devices": 1, "num_nodes": 1}
+    pieces["trainer"] = instantiate(cfg.trainer, **on_cpu, callbacks=callbacks, logger=loggers)
     pieces["callbacks"] = callbacks
     return pieces
 
@@ -281,3 +285,34 @@ def test_budget_of_the_7b_single_gpu_run_by_hand(tmp_path):
     assert b["trainer"] == pytest.approx(by_hand) and b["trainer"] == pytest.approx(39.9, abs=0.05)
     assert b["vllm"] == pytest.approx(0.35 * 79.2)
     assert b["kv_tokens"] == pytest.approx((0.35 * 79.2 - 14.185 - 2.5) * GIB / 57_344, rel=1e-3)
+
+
+def test_fsdp_trainer_config_builds_its_strategy(tmp_path):
+    """trainer=gpu_fsdp (full fine-tuning on several GPUs): FULL_SHARD, one FSDP unit and one activation
+    checkpoint per Qwen2 decoder layer, bf16 mixed precision, a consolidated checkpoint. Built here without
+    a GPU (Lightning refuses FSDP on the CPU accelerator), not run (docs/gpu.md)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    cfg = compose_cfg(tmp_path, "train", *DUMMY_ASSETS, "trainer=gpu_fsdp", "model=full")
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
+    assert cfg.trainer.devices == -1 and not cfg.model.lora.enabled
+    strategy = instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy) and strategy.sharding_strategy.name == "FULL_SHARD"
+    wrap = strategy.kwargs["auto_wrap_policy"]
+    checkpointing = strategy._activation_checkpointing_kwargs["auto_wrap_policy"]
+    for policy in (wrap, checkpointing):
+        assert isinstance(policy, ModuleWrapPolicy) and policy._module_classes == {Qwen2DecoderLayer}
+    assert strategy.kwargs["use_orig_params"] and strategy._state_dict_type == "full"
+
+
+def test_ddp_on_cpu_is_lightning_ddp_over_gloo(tmp_path):
+    """trainer.strategy=ddp trainer.devices=2 on the CPU trainer: Lightning's DDPStrategy, gloo backend
+    (tests/integration/test_ddp.py runs it)."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    cfg = compose_cfg(tmp_path, "train", *DUMMY_ASSETS, "trainer.strategy=ddp", "trainer.devices=2")
+    trainer = instantiate(cfg.trainer, logger=False)
+    assert isinstance(trainer.strategy, DDPStrategy) and trainer.num_devices == 2
+    assert trainer.strategy._get_process_group_backend() == "gloo"

@@ -1,0 +1,63 @@
+"""How the data module splits a step under DDP, without processes or engines: the ranks' blocks are the
+single-process question set, in whole groups, each rank samples with its own seed, validation is split
+into equal-length streams, and an uneven split fails with a clear message."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from igpo.data.module import RolloutDataModule, _ValStream
+from igpo.distributed import gather_lists, mean_over_ranks, shard_bounds
+from igpo.types import Question
+
+pytestmark = pytest.mark.distributed
+
+
+def _dm(rank: int, world: int, questions_per_step: int = 4) -> RolloutDataModule:
+    qs = [Question(f"q{i}", f"question {i}", [f"a{i}"]) for i in range(20)]
+    dm = RolloutDataModule(qs, generator=None, retriever=None, tokenizer="unused", val_questions=qs[:5],
+                           questions_per_step=questions_per_step, group_size=3, seed=7, val_batch_size=2)
+    dm.train_set, dm.val_set = qs, qs[:5]
+    dm.rank, dm.world_size = rank, world
+    return dm
+
+
+def test_rank_blocks_are_the_single_process_step():
+    single = _dm(0, 1)
+    for step in range(3):
+        union, offsets = [], []
+        for rank in range(2):
+            block, offset = _dm(rank, 2).rank_questions(step)
+            union += block
+            offsets.append(offset)
+        assert union == single.questions_for_step(step) and offsets == [0, 2]
+    assert single.rank_questions(0) == (single.questions_for_step(0), 0)
+
+
+def test_each_rank_samples_with_its_own_seed():
+    seeds = {_dm(r, 2).sampling_for_step(5).seed for r in range(2)}
+    assert len(seeds) == 2
+    assert _dm(0, 1).sampling_for_step(5).seed == _dm(0, 1).sampling_for_step(5).seed  # still a pure function
+
+
+def test_questions_per_step_must_split_evenly():
+    dm = _dm(0, 1, questions_per_step=3)
+    dm.trainer = SimpleNamespace(global_rank=1, world_size=2)
+    with pytest.raises(ValueError, match="questions_per_step=3 is not divisible by the 2 trainer processes"):
+        dm.setup("fit")
+    with pytest.raises(ValueError):
+        shard_bounds(3, 0, 2)
+
+
+def test_validation_streams_have_equal_length_and_cover_the_set():
+    streams = [_ValStream(_dm(r, 2)) for r in range(2)]
+    assert [len(s) for s in streams] == [2, 2]  # 5 questions: shares of 3 and 2, chunks of 2
+    shares = [s.dm.val_set[s.dm.rank::s.dm.world_size] for s in streams]
+    assert sorted(q.id for share in shares for q in share) == sorted(q.id for q in _dm(0, 1).val_set)
+
+
+def test_collectives_are_the_identity_in_one_process():
+    assert mean_over_ranks({"a": 1.0}) == {"a": 1.0}
+    assert gather_lists({"x": [1, 2]}) == {"x": [1, 2]}
