@@ -15,6 +15,9 @@ logit soft-capping or scaling need the full path).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -94,16 +97,59 @@ def token_logprobs_at(
     with_entropy: bool = False,
     chunk_size: int | None = None,
     temperature: float = 1.0,
+    last_mlp_rows_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """[B, L] fp32 log p(input_ids[j] | ids[:j]) at positions where `select` is true (position 0 and
     unselected positions hold 0), and the entropy of the distribution that predicted each selected
-    token (or None). The layout of `RolloutBatch` log-prob tensors."""
+    token (or None). The layout of `RolloutBatch` log-prob tensors. `last_mlp_rows_only` (no-grad passes):
+    the last layer's MLP runs only where a selected token is predicted (`last_mlp_only_at`); same values."""
     if select.shape != input_ids.shape:
         raise ValueError(f"token_logprobs_at: select {tuple(select.shape)} must match input_ids "
                          f"{tuple(input_ids.shape)}")
-    hidden = decoder_hidden(model, input_ids, attention_mask)
+    with last_mlp_only_at(model, _predictor_rows(select) if last_mlp_rows_only else None):
+        hidden = decoder_hidden(model, input_ids, attention_mask)
     return logprobs_from_hidden(hidden, input_ids, select, model.get_output_embeddings(), with_entropy=with_entropy,
                                 chunk_size=chunk_size, temperature=temperature)
+
+
+def _predictor_rows(select: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool: the positions whose final hidden state predicts a selected token (j - 1 for token j)."""
+    need = torch.zeros_like(select, dtype=torch.bool)
+    need[:, :-1] = select[:, 1:].to(torch.bool)
+    return need
+
+
+@contextlib.contextmanager
+def last_mlp_only_at(model: nn.Module, rows: torch.Tensor | None) -> Iterator[None]:
+    """Within the block, the last decoder layer's MLP runs only at `rows` ([B, L] bool) and adds 0 elsewhere:
+    its output at other positions feeds nothing but their own final hidden state, which the caller does not
+    read (no later layer needs their keys/values). For no-grad passes that need few positions (the reference
+    log-probs at the policy's tokens: ~1/4 of the MLP work of one layer). `rows=None`, or a model without
+    `get_decoder().layers[-1].mlp`, leaves the model as it is."""
+    layers = getattr(model.get_decoder(), "layers", None) if rows is not None else None
+    mlp = getattr(layers[-1], "mlp", None) if layers else None
+    if mlp is None:
+        yield
+        return
+    previous = mlp.__dict__.get("forward")  # an instance-level forward (e.g. an accelerate hook) to restore
+    full = mlp.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[:2] != rows.shape:
+            return full(x)
+        part = full(x[rows])
+        out = part.new_zeros(x.shape)
+        out[rows] = part
+        return out
+
+    mlp.forward = forward
+    try:
+        yield
+    finally:
+        if previous is None:
+            del mlp.forward  # the class's forward is back
+        else:
+            mlp.forward = previous
 
 
 def decoder_hidden_and_cache(

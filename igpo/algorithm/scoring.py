@@ -176,7 +176,8 @@ def _reference_pass(batch: RolloutBatch, reference: Callable[[], AbstractContext
                     device: torch.device) -> torch.Tensor:
     """[E, L] fp32 log π_ref at the policy tokens (call under no_grad and the plan's autocast): episodes in
     chunks of similar length (sorted by length), each chunk cut to its longest episode (no all-padding
-    columns), the decoder once, the head only at loss-mask positions. Row-wise, so the order is free."""
+    columns), the decoder once (its last MLP only where a policy token is predicted), the head only at
+    loss-mask positions. Row-wise, so the order is free."""
     select = batch.loss_mask.bool()
     lengths = batch.attention_mask.sum(1).tolist()
     order = sorted(range(len(batch)), key=lambda i: lengths[i])
@@ -189,7 +190,7 @@ def _reference_pass(batch: RolloutBatch, reference: Callable[[], AbstractContext
             ids = batch.input_ids[idx, :width].to(device)
             att = batch.attention_mask[idx, :width].to(device)
             sel = select[idx, :width].to(device)
-            out[idx.to(device), :width] = token_logprobs_at(ref_model, ids, att, sel)[0]
+            out[idx.to(device), :width] = token_logprobs_at(ref_model, ids, att, sel, last_mlp_rows_only=True)[0]
     return out
 
 

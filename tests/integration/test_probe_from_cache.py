@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from igpo.algorithm.logprobs import decoder_hidden_and_cache
+from igpo.algorithm.logprobs import decoder_hidden_and_cache, token_logprobs_at
 from igpo.algorithm.probe import packed_probe, probe_from_cache
 from tests.helpers import sharpen
 
@@ -44,3 +44,15 @@ def test_probe_from_cache_equals_packed_probe(model, seed: int, empty_prefix: bo
             p.requires_grad_(False)
             p.grad = None
     assert max_diff(got, want) < 1e-5
+
+
+def test_last_mlp_only_at_the_needed_rows_gives_the_same_logprobs(model) -> None:
+    ids, mask, _, _ = random_batch(3)
+    select = mask.bool() & (torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.3)
+    forward = type(model.get_decoder().layers[-1].mlp).forward
+    with torch.no_grad():
+        full, _ = token_logprobs_at(model, ids, mask, select)
+        cut, _ = token_logprobs_at(model, ids, mask, select, last_mlp_rows_only=True)
+    assert float((full - cut).abs().max()) < 1e-5 and bool((cut != 0).any())
+    assert "forward" not in model.get_decoder().layers[-1].mlp.__dict__  # restored
+    assert type(model.get_decoder().layers[-1].mlp).forward is forward
