@@ -6,7 +6,8 @@ gains, turn rewards, group-normalised and discounted token advantages, old and r
 the configuration needs them) to the batch. Which passes run follows from the policy's settings: no
 probe for GRPO, no reference pass when kl_coef = 0, no old-log-prob pass when the update is on-policy.
 
-Fused plan (on-policy IGPO, `IGPOPolicy.fused_probe`, the default): the probe costs no forward of its own.
+Fused plan (on-policy IGPO, `IGPOPolicy.fused_probe`, the default, when a micro-batch holds a whole group):
+the probe costs no forward over the trajectory of its own.
 The callback still owns the scoring: it attaches `DeferredScores` (probe inputs, reference log-probs,
 the algorithm and progress), and the update scores the probe blocks of each micro-batch of whole groups
 against the KV cache of its own forward, then asks `DeferredScores.advantages_for` for the advantages
@@ -17,6 +18,7 @@ the batch holds the ordinary, complete `Scores`.
 from __future__ import annotations
 
 import lightning as L
+import torch
 
 from igpo.algorithm.probe import probe_inputs_from_episodes
 from igpo.algorithm.scoring import ScoringPlan, defer_scores, score_batch
@@ -38,15 +40,19 @@ class IGPOAdvantageCallback(L.Callback):
             # a tokenizer that cannot give character offsets fails here, not at the first batch
             probe_token_parts(dm.tokenizer, dm.pieces, "x", dm.protocol)
 
-    def plan(self, pl_module, n_episodes: int) -> ScoringPlan:
+    def plan(self, pl_module, n_episodes: int, largest_group: int = 1) -> ScoringPlan:
+        """The passes this step needs. The probe is fused into the update when the policy allows it
+        (`IGPOPolicy.fused_probe`), the update is on-policy and a micro-batch holds a whole group (the
+        advantages of a group need all its probe values before its loss; a micro-batch is never enlarged)."""
+        fused = bool(getattr(pl_module, "fused_probe", False)) and largest_group <= pl_module.micro_batch_size
         return ScoringPlan.for_config(pl_module.algorithm, on_policy=pl_module.is_on_policy(n_episodes),
                                       bf16=pl_module.precision_settings.probe == "bf16", chunk_size=self.chunk_size,
-                                      probe_always=self.probe_always,
-                                      fused=bool(getattr(pl_module, "fused_probe", False)))
+                                      probe_always=self.probe_always, fused=fused)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch: RolloutBatch, batch_idx: int) -> None:
         dm = trainer.datamodule
-        plan = self.plan(pl_module, len(batch))
+        largest_group = max(torch.bincount(batch.group_ids.cpu() - int(batch.group_ids.min())).tolist(), default=1)
+        plan = self.plan(pl_module, len(batch), largest_group)
         parts = None
         if plan.probe:
             parts = probe_inputs_from_episodes(batch.episodes, dm.tokenizer, dm.pieces, dm.protocol)[1]

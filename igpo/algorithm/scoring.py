@@ -222,7 +222,8 @@ class DeferredScores:
     @staticmethod
     def micro_batches(batch: RolloutBatch, micro_batch_size: int) -> list[torch.Tensor]:
         """Row indices of micro-batches of whole groups, in first-seen group order, each holding as many
-        whole groups as fit in `micro_batch_size` episodes (at least one group)."""
+        whole groups as fit in `micro_batch_size` episodes (at least one group: a group larger than
+        `micro_batch_size` makes a larger micro-batch; the callback fuses only when every group fits)."""
         members: dict[int, list[int]] = {}
         for i, g in enumerate(batch.group_ids.tolist()):
             members.setdefault(int(g), []).append(i)

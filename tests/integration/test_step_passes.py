@@ -228,3 +228,27 @@ def test_fused_and_separate_training_steps_agree(env):
         assert float((f["advantages"] - s["advantages"]).abs().max()) < 1e-4
         for pf, ps in zip(f["probe"], s["probe"], strict=True):
             assert pf == pytest.approx(ps, abs=1e-5)
+
+
+def test_the_probe_is_fused_only_when_a_micro_batch_holds_whole_groups():
+    from igpo.algorithm.callback import IGPOAdvantageCallback
+
+    class Policy:  # the attributes the callback reads
+        algorithm, precision_settings, fused_probe, micro_batch_size = AlgorithmConfig(), FP32, True, 4
+
+        def __init__(self, on_policy: bool = True) -> None:
+            self.on_policy = on_policy
+
+        def is_on_policy(self, n: int) -> bool:
+            return self.on_policy
+
+    cb = IGPOAdvantageCallback()
+    assert cb.plan(Policy(), 12, largest_group=3).fused
+    assert not cb.plan(Policy(), 12, largest_group=5).fused  # never a micro-batch larger than configured
+    assert not cb.plan(Policy(on_policy=False), 12, largest_group=3).fused
+    off = Policy()
+    off.fused_probe = False
+    assert not cb.plan(off, 12, largest_group=3).fused
+    grpo = Policy()
+    grpo.algorithm = AlgorithmConfig(ig_weight=0.0)
+    assert not cb.plan(grpo, 12, largest_group=3).fused  # no probe at all
