@@ -5,7 +5,10 @@ checkpoints, validation cadence, the question schedule):
   1. rollout   — `RolloutDataModule` yields B questions × G episodes (token ids as sampled).
   2. score     — `IGPOAdvantageCallback` attaches immutable `Scores` with the pre-update weights
                  (probe → gains → turn rewards → group z-norm → γ-discount → token advantages; old and
-                 reference log-probs only when needed).
+                 reference log-probs only when needed). On-policy IGPO with whole groups per micro-batch
+                 fuses the probe into step 3 (`fused_probe`): the callback attaches `DeferredScores`, the
+                 update scores the probe blocks on its own forward's KV cache, and the batch holds the
+                 complete `Scores` by the end of the step.
   3. update    — `training_step`: PPO-clip (+dual clip) + k3 KL + entropy over `ppo_epochs` × mini-batches,
                  micro-batched, bf16 autocast by default; non-finite values skip the update.
   4. sync      — `WeightSyncCallback` pushes the new weights into the generator.
