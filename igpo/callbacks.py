@@ -182,12 +182,14 @@ class EpisodeLogger(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch: RolloutBatch, batch_idx: int) -> None:
         step = trainer.global_step - 1  # the 0-based index of the rollout batch just trained (as in the logs)
-        if batch.scores is None or step % self.every_n_steps or not trainer.is_global_zero:
+        if batch.scores is None or step % self.every_n_steps:
+            return
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast under DDP: every rank asks
+        if not trainer.is_global_zero:
             return
         tok = trainer.datamodule.tokenizer
         picks = self.rng.sample(range(len(batch)), min(self.n_dump, len(batch)))
         records = [batch_record(batch, i, tok, step) for i in picks]
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         with open(log_dir / "episodes.jsonl", "a", encoding="utf-8") as f:
             f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

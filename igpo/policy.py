@@ -38,7 +38,7 @@ from igpo.algorithm.loss import policy_loss
 from igpo.algorithm.probe import probe_from_cache
 from igpo.algorithm.rewards import episode_metrics
 from igpo.algorithm.scoring import DeferredScores
-from igpo.distributed import all_sum, gather_lists, mean_over_ranks, rank_and_world
+from igpo.distributed import all_sum, any_rank, gather_lists, mean_over_ranks, rank_and_world
 from igpo.models.causal_lm import DEFAULT_TARGETS, LoraSettings, load_causal_lm
 from igpo.types import RolloutBatch
 
@@ -192,7 +192,7 @@ class IGPOPolicy(L.LightningModule):
         mb = n if self.mini_batch_size is None else min(self.mini_batch_size, n)
         sums: dict[str, float] = defaultdict(float)
         updates = skipped = 0
-        if not self.guard.check(step, inputs, batch.loss_mask, ids).skip:
+        if not any_rank(self.guard.check(step, inputs, batch.loss_mask, ids).skip):  # DDP: all ranks skip together
             params = [p for p in self.model.parameters() if p.requires_grad]
             for _ in range(self.ppo_epochs):
                 order = torch.randperm(n) if self.shuffle_minibatches else torch.arange(n)
@@ -202,7 +202,7 @@ class IGPOPolicy(L.LightningModule):
                     metrics = self._accumulate(batch, idx, step, ids, probes=probes)
                     verdict = self.guard.check(step, {"loss": metrics.get("loss", float("nan")),
                                                       "grad_norm": total_grad_norm(params)})
-                    if metrics.get("skip") or verdict.skip:
+                    if metrics.get("skip") or any_rank(verdict.skip):
                         opt.zero_grad(set_to_none=True)
                         skipped += 1
                         continue
@@ -283,7 +283,7 @@ class IGPOPolicy(L.LightningModule):
                 logprobs = self._inject(step, logprobs)
             sub_ids = [ids[int(i)] for i in sub_idx]
             checked = {"logprobs": logprobs} | ({"advantages": advantages} if fused else {})
-            if self.guard.check(step, checked, mask, sub_ids).skip:
+            if any_rank(self.guard.check(step, checked, mask, sub_ids).skip):  # DDP: before any rank's backward
                 return {"skip": 1.0}
             old = logprobs.detach() if sc.old_logprobs is None else sc.old_logprobs[:, :width]
             ref = None if sc.ref_logprobs is None else sc.ref_logprobs[:, :width]
