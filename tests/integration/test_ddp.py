@@ -3,7 +3,7 @@
 1. The gradient of one DDP step (all-reduced over the two ranks, each rolling out one of the step's two
    questions) equals the gradient of one process on the union of the two ranks' episodes, fp32 everywhere.
 2. `python train.py debug=fast trainer.devices=2 trainer.strategy=ddp` completes with a checkpoint, the usual
-   TensorBoard tags and rank-0-only episode dumps.
+   TensorBoard tags and rank-0-only episode dumps, and a resumed DDP run continues at the next step.
 
 Run as a script (`python tests/integration/test_ddp.py CFG OUT`) this file is the DDP worker of test 1:
 Lightning's subprocess launcher starts rank 1 by running the same command again.
@@ -176,6 +176,19 @@ def test_train_py_ddp_two_processes(tmp_path, artifacts):
     # episodes come from rank 0 only: its block of each step is question 0 of the step (group 0)
     rows = [json.loads(line) for line in (run_dir / "tb" / "episodes.jsonl").read_text().splitlines()]
     assert rows and {r["group"] for r in rows} == {0} and {r["step"] for r in rows} == {0, 1}
+
+    # resume under DDP: every rank loads the checkpoint and continues the question schedule at step 2
+    run2 = tmp_path / "run2"
+    resume = [o for o in overrides if not o.startswith("hydra.run.dir=")] + [
+        f"hydra.run.dir={run2}", "trainer.max_steps=3", "data.val_max_questions=0",
+        f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"]
+    run = subprocess.run([sys.executable, "train.py", *resume], cwd=ROOT, env=_env(), capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert torch.load(run2 / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert [s for s, _ in _scalars(run2 / "tb")["train/loss"]] == [2]
+    rows = [json.loads(line) for line in (run2 / "tb" / "episodes.jsonl").read_text().splitlines()]
+    assert rows and {r["step"] for r in rows} == {2} and {r["group"] for r in rows} == {0}
 
 
 if __name__ == "__main__":
