@@ -46,7 +46,11 @@ KV cache of the update's own forward, so IGPO has no probe pass over the traject
   separate-pass IGPO (the previous path, for comparison) ~1.3 as before
   probe_overhead     ~1.05-1.15 (as before: the packed pass also yields the old log-probs)
   vllm_speedup       ~2-3 (as before), sync_share ~0.005
-  ratio_dev          bf16 update ~1e-5, fp32 update ~1e-3 (as before)"""
+  ratio_dev          bf16 update ~1e-5, fp32 update ~1e-3 (as before)
+second run (after run 1 showed the probe blocks at 24.5 s of a 96.7 s fused update under load ~10: OpenMP
+barriers of tiny ops; the blocks now run on one thread, 0.3 s vs 4.0 s in isolation), --repeats 1:
+  step_vs_floor ~1.05-1.15, step_vs_floor_kl ~1.2-1.3 (reference pass also with its last MLP only at the
+  policy-token rows), igpo_vs_grpo_step ~1.05-1.15; single samples under load: +-20 % noise per part"""
 
 
 def main() -> None:

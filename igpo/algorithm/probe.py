@@ -262,7 +262,7 @@ def probe_from_cache(
         dtype = _dtype(model)
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     head = model.get_output_embeddings()
-    with torch.no_grad():
+    with torch.no_grad(), _few_threads(device, n_rows * q):
         out = model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device),
                                   position_ids=pos.to(device), past_key_values=cache, use_cache=True)
         both = torch.cat([hidden.detach(), out.last_hidden_state.to(hidden.dtype)], dim=1)  # [B, width + q, H]
@@ -274,6 +274,26 @@ def probe_from_cache(
     for b, chunk in zip(blocks, torch.split(gold_lp, [len(b[5]) for b in blocks]), strict=True):
         probes.append([v.mean().item() for v in torch.split(chunk, b[6])])
     return probes
+
+
+SMALL_FORWARD_TOKENS = 8192  # CPU forwards of at most this many tokens run on one thread
+
+
+@contextmanager
+def _few_threads(device: torch.device, n_tokens: int) -> Iterator[None]:
+    """One torch thread for a small CPU forward (the probe blocks: tens of tokens per row). Its ops are tiny,
+    so with several threads the OpenMP barriers dominate, badly so on a shared machine: measured on this
+    2-core box under load ~10, 16 rows x 28 probe tokens on a 700-token cache took 4.0 s with 2 threads and
+    0.3 s with 1. GPUs and larger forwards are left alone; the thread count is restored."""
+    if device.type != "cpu" or n_tokens > SMALL_FORWARD_TOKENS:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @dataclass
