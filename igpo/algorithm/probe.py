@@ -217,25 +217,17 @@ def probe_from_cache(
     attn = _attn_implementation(model)
     blocks = []  # per row: (ids, pos, seg, ctx, pred (index into [trajectory | blocks]), gold, counts)
     for i in range(n_rows):
-        prefix, gold, _ = (list(x) for x in parts[i])
-        block, m = prefix + gold, len(prefix) + len(gold)
+        gold = list(parts[i][1])
         bs = list(boundaries[i])
         for t, b in enumerate(bs):
             if not 1 <= b <= lengths[i]:
                 raise ValueError(f"probe: episode {i} turn {t}: boundary {b} outside [1, {lengths[i]}]")
         if bs and not gold:
             raise ValueError(f"probe: episode {i}: empty gold answer ids")
-        ids, pos, seg, ctx, pred = [], [], [], [], []
-        for t, b in enumerate(bs):
-            offset = len(ids)
-            ids += block
-            pos += range(b, b + m)
-            seg += [t] * m
-            ctx += [b] * m
-            for j in range(len(gold)):
-                local = len(prefix) + j
-                pred.append(width + offset + local - 1 if local > 0 else b - 1)  # b - 1: a trajectory row
-        blocks.append((ids, pos, seg, ctx, pred, gold * len(bs), [len(gold)] * len(bs)))
+        # the probe blocks alone (no trajectory tokens: those are in the cache); a block index k is row
+        # width + k of [hidden | block outputs], a trajectory predictor b - 1 stays as it is
+        pk = _pack([], bs, parts[i], block_shift=width)
+        blocks.append((pk.ids, pk.pos, pk.seg, pk.ctx, pk.pred.tolist(), pk.gold.tolist(), pk.gold_counts))
     q = max((len(b[0]) for b in blocks), default=0)
     if q == 0:
         return [[] for _ in range(n_rows)]
@@ -307,7 +299,9 @@ class _Packed:
     gold_counts: list[int]
 
 
-def _pack(seq: list[int], bounds: Sequence[int], part: ProbeParts) -> _Packed:
+def _pack(seq: list[int], bounds: Sequence[int], part: ProbeParts, block_shift: int = 0) -> _Packed:
+    """S then one probe block per boundary; `block_shift` is added to the predictor index of a gold token that
+    is predicted from inside its block (the cache path lays the blocks out after `block_shift` cached rows)."""
     prefix, gold, _ = (list(x) for x in part)
     block = prefix + gold
     m, n = len(block), len(seq)
@@ -321,7 +315,7 @@ def _pack(seq: list[int], bounds: Sequence[int], part: ProbeParts) -> _Packed:
         ctx += [b] * m
         for j in range(len(gold)):
             local = len(prefix) + j  # block index of gold token j; its predictor is the previous token
-            pred.append(offset + local - 1 if local > 0 else b - 1)
+            pred.append(block_shift + offset + local - 1 if local > 0 else b - 1)
     gold_all = gold * len(bounds)
     return _Packed(ids, pos, seg, ctx, torch.tensor(pred, dtype=torch.long),
                    torch.tensor(gold_all, dtype=torch.long), [len(gold)] * len(bounds))
