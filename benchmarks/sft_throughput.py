@@ -33,7 +33,7 @@ PREDICTION = """prediction (written before measuring):
   packed vs masked  ~0.9-1.0x: bucketed padding wastes ~1 %, and on CPU sdpa computes the whole masked row
                      (a 1024-token row costs more attention than 4 separate 256-token rows)
   fp32 vs masked    ~0.3x: bf16 matmuls (AVX-512 bf16) are several times faster than fp32 on this CPU
-  masked vs padmask ~1.5x: a 20-step fwd+bwd probe under load ran 2.2-2.7 s causal-only vs 4.4 s with the mask"""
+  masked vs padmask ~1.5x: a 5-step fwd+bwd probe under load ran 2.2-2.7 s causal-only vs 4.4 s with the mask"""
 
 
 def main() -> None:
