@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SHORT_PROMPT = "Answer the question. Search with <search>name</search>; answer with <answer>words</answer>."
+LEAN = ["protocol.system_prompt=''", "++protocol.doc_template='({rank}) {text}'"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "base": ("the demo's SFT before this study", []),
     "sep": ("a space between a search/answer tag and its content", ["protocol.content_sep=' '"]),
@@ -32,6 +33,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "resample": ("6 oracle trajectories per question instead of 2 (fresh noise and searches each pass)",
                  ["prepare.sft.samples_per_question=6"]),
     "lr_3e-3": ("peak lr 3e-3 instead of 2e-3", ["prepare.sft.lr=3.0e-3"]),
+    # fewer tokens per trajectory (the demo's SFT cost is its token count): no system prompt and documents
+    # shown without the title that their text starts with anyway (~226 -> ~165 tokens)
+    "lean": ("no system prompt; documents without the repeated title", LEAN),
+    "lean_b8": ("lean, batch 8 trajectories instead of 16", [*LEAN, "prepare.sft.batch_size=8"]),
+    "lean_b12": ("lean, batch 12 trajectories instead of 16", [*LEAN, "prepare.sft.batch_size=12"]),
 }
 
 
