@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 SHORT_PROMPT = "Answer the question. Search with <search>name</search>; answer with <answer>words</answer>."
 LEAN = ["protocol.system_prompt=''", "++protocol.doc_template='({rank}) {text}'"]
+SEP = ["protocol.content_sep=' '", "++protocol.think_sep=' '"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "base": ("the demo's SFT before this study", []),
     "sep": ("a space between a search/answer tag and its content", ["protocol.content_sep=' '"]),
@@ -38,6 +39,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "lean": ("no system prompt; documents without the repeated title", LEAN),
     "lean_b8": ("lean, batch 8 trajectories instead of 16", [*LEAN, "prepare.sft.batch_size=8"]),
     "lean_b12": ("lean, batch 12 trajectories instead of 16", [*LEAN, "prepare.sft.batch_size=12"]),
+    # a space after every opening tag: each name the policy writes tokenises as in the question and documents
+    "lean_sep": ("lean, a space after <think>/<search>/<answer>", [*LEAN, *SEP]),
+    "lean_sep_b8": ("lean_sep, batch 8", [*LEAN, *SEP, "prepare.sft.batch_size=8"]),
 }
 
 

@@ -45,6 +45,11 @@ class AgentProtocol:
     # like the same name inside a sentence (`<search> Fennusil` -> `ĠFennusil`, as in the question), so
     # copying it is a one-token copy; "" is Search-R1's rendering.
     content_sep: str = ""
+    # Text between `<think>` and the think text. With " " (and content_sep " ") every name the policy writes
+    # tokenises as it does in the question and the documents, including a name that opens a think
+    # (`<think> Roshal Andorgar was born in ...`), so no name ever has to be spelled in its no-space pieces
+    # (`R`+`o`+`shal`), which a from-scratch model cannot copy from the context and so must recall.
+    think_sep: str = ""
 
     @property
     def tags(self) -> list[str]:
@@ -63,12 +68,13 @@ class AgentProtocol:
 
     def probe_prefix(self) -> str:
         """Text after the assistant header before the gold answer (the IGPO pseudo-response)."""
-        return f"{self.think[0]}{self.probe_think}{self.think[1]}{self.answer[0]}{self.content_sep}"
+        return (f"{self.think[0]}{self.think_sep}{self.probe_think}{self.think[1]}{self.answer[0]}"
+                f"{self.content_sep}")
 
     def action(self, think: str, kind: TurnKind, content: str) -> str:
         """Render an action (used by the scripted oracle and tests)."""
         tag = self.search if kind == "search" else self.answer
-        return f"{self.think[0]}{think}{self.think[1]}{tag[0]}{self.content_sep}{content}{tag[1]}"
+        return f"{self.think[0]}{self.think_sep}{think}{self.think[1]}{tag[0]}{self.content_sep}{content}{tag[1]}"
 
 
 # Deprecated alias (the old name, easily confused with `typing.Protocol`); kept until every import and
