@@ -48,6 +48,21 @@ def test_parse_action_custom_tags():
     assert parse_action("<think>t</think><search>q</search>", p).kind == "malformed"
 
 
+def test_tag_separators_render_parse_and_tokenise_names_as_in_the_question(tiny_tokenizer):
+    p = AgentProtocol(content_sep=" ", think_sep=" ")
+    text = p.action("Andus Zuraston was born in Garmi.", "answer", "Garmi")
+    assert text == "<think> Andus Zuraston was born in Garmi.</think><answer> Garmi</answer>"
+    action = parse_action(text, p)
+    assert (action.kind, action.content, action.think) == ("answer", "Garmi", "Andus Zuraston was born in Garmi.")
+    assert p.probe_prefix() == "<think> Now there's enough information to answer</think><answer> "
+    # the name that opens the think is the same tokens as in a sentence
+    in_sentence = encode(tiny_tokenizer, " Andus Zuraston")
+    think_ids = encode(tiny_tokenizer, text)
+    assert think_ids[1:1 + len(in_sentence)] == in_sentence
+    # the default (Search-R1's rendering) has no separators
+    assert AgentProtocol().action("t", "search", "q") == "<think>t</think><search>q</search>"
+
+
 def test_chat_pieces_chatml(tiny_tokenizer):
     pieces = ChatPieces.from_tokenizer(tiny_tokenizer)
     assert pieces.assistant_end == "<|im_end|>"
