@@ -24,16 +24,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SHORT_PROMPT = "Answer the question. Search with <search>name</search>; answer with <answer>words</answer>."
-LEAN = ["protocol.system_prompt=''", "++protocol.doc_template='({rank}) {text}'"]
+# The study started from the research protocol (a system prompt, titled documents); `lean` is conf/protocol/testbed
+R = ["protocol=research"]
+LEAN = ["protocol=testbed"]
 SEP = ["protocol.content_sep=' '", "++protocol.think_sep=' '"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "base": ("the demo's SFT before this study", []),
-    "sep": ("a space between a search/answer tag and its content", ["protocol.content_sep=' '"]),
-    "short_prompt": ("a one-line system prompt", [f"protocol.system_prompt='{SHORT_PROMPT}'"]),
-    "probe_think_0.1": ("10 % probe-think final turns instead of 20 %", ["prepare.oracle.probe_think=0.1"]),
+    "base": ("the demo's SFT before this study", R),
+    "sep": ("a space between a search/answer tag and its content", [*R, "protocol.content_sep=' '"]),
+    "short_prompt": ("a one-line system prompt", [*R, f"protocol.system_prompt='{SHORT_PROMPT}'"]),
+    "probe_think_0.1": ("10 % probe-think final turns instead of 20 %", [*R, "prepare.oracle.probe_think=0.1"]),
     "resample": ("6 oracle trajectories per question instead of 2 (fresh noise and searches each pass)",
-                 ["prepare.sft.samples_per_question=6"]),
-    "lr_3e-3": ("peak lr 3e-3 instead of 2e-3", ["prepare.sft.lr=3.0e-3"]),
+                 [*R, "prepare.sft.samples_per_question=6"]),
+    "lr_3e-3": ("peak lr 3e-3 instead of 2e-3", [*R, "prepare.sft.lr=3.0e-3"]),
     # fewer tokens per trajectory (the demo's SFT cost is its token count): no system prompt and documents
     # shown without the title that their text starts with anyway (~226 -> ~165 tokens)
     "lean": ("no system prompt; documents without the repeated title", LEAN),
