@@ -13,6 +13,9 @@ random unrelated entity ("No match. I need ..."); a share of multi-hop ones answ
 the right type right after hop 1 ("... I guess."); a share of the other final turns think exactly the
 protocol's probe think, so the IG probe's pseudo-think is in the SFT distribution. A noise mode is only
 applied when it fits into `max_turns`; its share is counted over the trajectories it could apply to.
+With `rename` > 0 a share of trajectories are rewritten after retrieval with their entity names swapped
+for other names of the same type (`Renamer`), so the only way to get the answer right is to copy it from
+the documents in context.
 
 Episodes are tokenised exactly like the rollout loop builds them: prompt ids, per turn the action's ids,
 then the observation's ids after a search; the final answer turn has no observation.
@@ -21,8 +24,9 @@ then the observation's ids after a search; the final answer turn has no observat
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Generator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from igpo.data.world import RELATIONS, World
@@ -55,9 +59,13 @@ class OracleConfig:
     early_guess: float = 0.2  # share of multi-hop trajectories that guess right after hop 1
     probe_think: float = 0.2  # share of non-guess final turns whose think is the protocol's probe think
     retries: int = 1  # reformulated searches when the needed document is missing, before dropping
+    # share of trajectories whose entity names are swapped, consistently within the trajectory (question,
+    # thinks, queries, documents, answer), for other names of the same type: facts stop being memorisable,
+    # so the warm start learns to copy names from its context, which is what held-out questions need
+    rename: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("wasted_search", "early_guess", "probe_think"):
+        for name in ("wasted_search", "early_guess", "probe_think", "rename"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"OracleConfig.{name}={getattr(self, name)!r}: must be in [0, 1]")
         for name in ("k", "max_turns", "max_doc_tokens"):
@@ -83,6 +91,7 @@ class OracleStats:
     guess_eligible: int = 0
     probe: int = 0
     probe_eligible: int = 0
+    renamed: int = 0  # trajectories whose names were swapped (OracleConfig.rename)
 
     @property
     def retrieval_success(self) -> float:
@@ -278,14 +287,67 @@ def oracle_dataset(
     results = _run(scripts, _retriever_search(retriever, cfg.k))
     prompts: dict[str, list[int]] = {}
     obs_cache: dict[tuple[str, ...], list[int]] = {}
+    renamer = Renamer(world) if cfg.rename > 0 else None
     out = []
-    for (g, q, _), steps in zip(jobs, results, strict=True):
+    for (g, q, j), steps in zip(jobs, results, strict=True):
         if steps is None:
             continue
+        if renamer is not None:
+            rng = random.Random(f"{seed}:{q.id}:{j}:rename")
+            if rng.random() < cfg.rename:
+                q, steps = renamer(q, steps, rng)
+                stats.renamed += 1
         if q.text not in prompts:
             prompts[q.text] = prompt_ids(tokenizer, q.text, protocol)
         out.append(_episode(q, steps, tokenizer, pieces, protocol, cfg, g, prompts[q.text], obs_cache))
     return out
+
+
+class Renamer:
+    """Swap the entity names of a scripted trajectory for other names of the same type, consistently in
+    the question, every think, query and answer, and every retrieved document (titles and texts). Names
+    are matched whole and longest first, so a name that is part of a longer one is never split. The
+    question's subject only ever becomes a train entity's name, so a held-out entity is still never the
+    subject of an SFT question; other names may become any name (held-out names keep appearing in
+    documents and as values, as without renaming)."""
+
+    def __init__(self, world: World) -> None:
+        self.by_type: dict[str, list[str]] = {}
+        self.train_by_type: dict[str, list[str]] = {}
+        for e in world.entities.values():
+            self.by_type.setdefault(e.type, []).append(e.name)
+            if e.id not in world.heldout:
+                self.train_by_type.setdefault(e.type, []).append(e.name)
+        self.type_of = {e.name: e.type for e in world.entities.values()}
+        self.name_of = {e.id: e.name for e in world.entities.values()}
+        names = sorted(self.type_of, key=len, reverse=True)
+        self.pattern = re.compile(r"\b(?:" + "|".join(re.escape(n) for n in names) + r")\b")
+
+    def mapping(self, texts: list[str], rng: random.Random, subject: str | None = None) -> dict[str, str]:
+        """An injective map from the names found in `texts` to names of the same type (`subject` to a
+        train entity's name)."""
+        found = sorted({m.group(0) for t in texts for m in self.pattern.finditer(t)})
+        out: dict[str, str] = {}
+        if subject in found:
+            out[subject] = rng.choice(self.train_by_type[self.type_of[subject]])
+        for etype in sorted({self.type_of[n] for n in found}):
+            mine = [n for n in found if self.type_of[n] == etype and n not in out]
+            free = [n for n in self.by_type[etype] if n not in out.values()]
+            out.update(zip(mine, rng.sample(free, len(mine)), strict=True))
+        return out
+
+    def __call__(self, q: Question, steps: list[Step], rng: random.Random) -> tuple[Question, list[Step]]:
+        texts = [q.text, *q.answers, *(t for s in steps for t in (s.think, s.content)),
+                 *(t for s in steps for d in s.docs for t in (d.title, d.text))]
+        table = self.mapping(texts, rng, self.name_of.get(q.metadata.get("subject", "")))
+
+        def sub(text: str) -> str:
+            return self.pattern.sub(lambda m: table.get(m.group(0), m.group(0)), text)
+
+        q2 = replace(q, text=sub(q.text), answers=[sub(a) for a in q.answers])
+        steps2 = [Step(sub(s.think), s.kind, sub(s.content),
+                       [replace(d, title=sub(d.title), text=sub(d.text)) for d in s.docs]) for s in steps]
+        return q2, steps2
 
 
 # ------------------------------------------------------------------- plain rendering (before a tokenizer)
