@@ -236,3 +236,47 @@ def test_tokenizer_corpus_holds_protocol_docs_and_parsable_trajectories(env) -> 
     assert all(f"{d.title}. {d.text}" in "\n".join(texts) for d in world.docs)
     for text in texts[-50:]:
         assert text.startswith("<|im_start|>system\n") and "<answer>" in text
+
+
+def test_renamed_trajectories_swap_every_name_consistently(env, dataset) -> None:
+    """rename=1: same scripts and retrieval, then each trajectory's names swapped for same-type names.
+    The renamed trajectory still answers from its own documents; nothing of the original chain's names
+    is left in it (unless mapped onto itself); the subject becomes a train entity; it is deterministic."""
+    world, _, tokenizer, retriever, protocol, pieces = env
+    questions = world.questions["train"][:60]
+    cfg = OracleConfig(rename=1.0)
+    stats = OracleStats()
+    renamed = oracle_dataset(questions, world, retriever, tokenizer, pieces, protocol, cfg, samples_per_question=2,
+                             seed=0, stats=stats)
+    plain = oracle_dataset(questions, world, retriever, tokenizer, pieces, protocol, replace(cfg, rename=0.0),
+                           samples_per_question=2, seed=0)
+    assert stats.renamed == len(renamed) == len(plain) == 120
+    train_names = {e.name for e in world.entities.values() if e.id not in world.heldout}
+    types = {e.name: e.type for e in world.entities.values()}
+    changed = 0
+    for r, p in zip(renamed, plain, strict=True):
+        assert [t.kind for t in r.turns] == [t.kind for t in p.turns]
+        subject = world.entities[p.question.metadata["subject"]].name
+        # one consistent map: each original query becomes one name of the same type, every time
+        table: dict[str, str] = {}
+        for tr, tp in zip(r.turns, p.turns, strict=True):
+            if tp.kind == "search" and tp.content in types:
+                assert table.setdefault(tp.content, tr.content) == tr.content
+                assert types[tr.content] == types[tp.content]
+                # the renamed query's own document is the renamed original document, in the same rank
+                assert [d.id for d in tr.docs] == [d.id for d in tp.docs]
+                own = [d for d in tr.docs if d.title == tr.content]
+                assert own and own[0].text.startswith(tr.content)
+        if subject in table:
+            assert table[subject] in train_names and table[subject] in r.question.text
+            assert subject not in r.question.text or table[subject] == subject
+        changed += r.question.text != p.question.text
+        if r.answer in r.question.answers:  # a non-guess: the answer is read off the last documents
+            assert any(r.answer in d.text for d in r.turns[-2].docs)
+        assert parse_action(r.turns[-1].text).kind == "answer"
+    assert changed > 100
+    again = oracle_dataset(questions, world, retriever, tokenizer, pieces, protocol, cfg, samples_per_question=2,
+                           seed=0)
+    assert [e.token_ids for e in again] == [e.token_ids for e in renamed]
+    with pytest.raises(ValueError, match="rename"):
+        OracleConfig(rename=1.5)
