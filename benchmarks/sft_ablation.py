@@ -47,7 +47,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # every trajectory's names swapped for other names of the same type (igpo.data.oracle.Renamer): facts
     # cannot be memorised, so the model must copy names from its context, as held-out questions require
     "lean_rename_b8": ("lean, names swapped in every trajectory, batch 8",
-                       [*LEAN, "prepare.oracle.rename=1.0", "prepare.sft.batch_size=8"]),
+                       [*LEAN, "++prepare.oracle.rename=1.0", "prepare.sft.batch_size=8"]),
     # a narrower MLP (1024 -> 512; ~80 % of the matmul work is MLP): cheaper tokens, if the copying still learns
     "lean_i512": ("lean, MLP 512 instead of 1024", [*LEAN, "prepare.model.intermediate_size=512"]),
     "lean_i512_b12": ("lean, MLP 512, batch 12", [*LEAN, "prepare.model.intermediate_size=512",
