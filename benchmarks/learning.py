@@ -3,8 +3,8 @@
 The sweeps run the way users sweep (each job trains one arm × seed through train.py and writes held-out
 eval points with igpo.learning.HeldoutEval; a finished job skips itself when launched again):
 
-    python train.py -m experiment=testbed_compare algorithm=igpo,grpo,ig_only seed=0,1,2,3,4
-    python train.py -m experiment=testbed_compare_hard algorithm=igpo,grpo,ig_only seed=0,1,2,3,4
+    python train.py -m experiment=testbed_compare seed=0,1,2,3,4 algorithm=igpo,grpo,ig_only
+    python train.py -m experiment=testbed_compare_hard seed=0,1,2,3,4 algorithm=igpo,grpo,ig_only
     python benchmarks/learning.py
 
 Per family (sweep directory), arm, hop count and eval step: the held-out EM pooled over seeds and
@@ -38,8 +38,8 @@ from igpo.learning import (  # noqa: E402
     zero_std_fraction,
 )
 
-COMMANDS = ("python train.py -m experiment=testbed_compare algorithm=igpo,grpo,ig_only seed=0,1,2,3,4",
-            "python train.py -m experiment=testbed_compare_hard algorithm=igpo,grpo,ig_only seed=0,1,2,3,4")
+COMMANDS = ("python train.py -m experiment=testbed_compare seed=0,1,2,3,4 algorithm=igpo,grpo,ig_only",
+            "python train.py -m experiment=testbed_compare_hard seed=0,1,2,3,4 algorithm=igpo,grpo,ig_only")
 HOW = """How the numbers are computed (igpo.learning):
 - **EM** of a held-out question at an eval point = the mean exact match of its `samples` episodes (T=1,
   seeded by (seed, step, hop, chunk), the same for every arm); an arm's value = the mean over seeds and
