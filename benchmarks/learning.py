@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--name", default="learning_compare")
     ap.add_argument("--target", type=float, default=0.04, help="wanted half-width of the diff CI")
     ap.add_argument("--n-boot", type=int, default=10_000)
+    ap.add_argument("--note", help="a markdown file (the reading of the results) put before the method section")
     args = ap.parse_args(argv)
     reports = [family_report("testbed_compare", Path(args.sweep), args.a, args.b, args.n_boot, args.target)]
     if Path(args.hard).is_dir():
@@ -177,10 +178,14 @@ def main(argv: list[str] | None = None) -> str:
           f"Curves: ![curves]({args.name}.png)", ""]
     for rep in reports:
         md += tables(rep)
+    if args.note:
+        md += [Path(args.note).read_text(encoding="utf-8").strip(), ""]
     md += [HOW, "", "Why the arms end where they do (which turns get which gains): probe_signal.md "
            "(`python benchmarks/probe_signal.py`).", "", summary]
-    (out / f"{args.name}.md").write_text("\n".join(md) + "\n")
-    (out / f"{args.name}.json").write_text(json.dumps({
+    from igpo.io import atomic_write
+
+    atomic_write(out / f"{args.name}.md", "\n".join(md) + "\n")
+    atomic_write(out / f"{args.name}.json", json.dumps({
         "summary": summary, "command": command,
         "families": {rep["name"]: {"sweep": str(rep["sweep"]), "curves": rep["curves"].to_dict("records"),
                                    "power": rep["power"]} for rep in reports}},

@@ -94,10 +94,13 @@ def test_benchmark_script_on_the_sweep(sweep, tmp_path):
         import learning as bench
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+    note = tmp_path / "reading.md"
+    note.write_text("Reading: a hand-written paragraph.\n")
     line = bench.main(["--sweep", str(sweep), "--hard", str(tmp_path / "none"), "--out", str(tmp_path / "res"),
-                       "--n-boot", "500"])
+                       "--n-boot", "500", "--note", str(note)])
     md = (tmp_path / "res" / "learning_compare.md").read_text().splitlines()
     assert md[-1] == line and (tmp_path / "res" / "learning_compare.png").stat().st_size > 0
+    assert md.index("Reading: a hand-written paragraph.") < md.index(line)
     values = parse_summary(md[-1])
     assert values["seeds"] == 1 and values["eval_episodes"] == 6 and values["final_step"] == 2
     assert 0.0 <= values["igpo_final"] <= 1.0 and values["diff_ci_low"] <= values["diff_ci_high"]
