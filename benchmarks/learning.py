@@ -34,6 +34,7 @@ from igpo.learning import (  # noqa: E402
     compare_arms,
     curves,
     find_jobs,
+    finished_and_paired,
     load_sweep,
     zero_std_fraction,
 )
@@ -56,14 +57,23 @@ HOW = """How the numbers are computed (igpo.learning):
   and IGPO's too, inf when only GRPO's is 0."""
 
 
-def family_report(name: str, sweep: Path, a: str, b: str, n_boot: int, target: float):
+def family_report(name: str, sweep: Path, a: str, b: str, n_boot: int, target: float, unfinished: bool = False):
     df = load_sweep(sweep)
-    cmp = compare_arms(df, a, b, zero_std_fraction(sweep), n_boot=n_boot)
-    others = {arm: compare_arms(df, arm, b, zero_std_fraction(sweep), n_boot=n_boot)
+    left_out: list[str] = []
+    if not unfinished:
+        df, left_out = finished_and_paired(df, (a, b))
+        if df.empty:
+            raise SystemExit(f"[learning] {name}: no seed has a finished job of both {a} and {b} yet ({sweep})")
+        for job in left_out:
+            print(f"[learning] {name}: left out {job} (unfinished, or its seed lacks a finished {a}/{b} job)")
+    zero_std = zero_std_fraction(sweep)
+    zero_std = zero_std.merge(df[["arm", "seed"]].drop_duplicates(), on=["arm", "seed"])
+    cmp = compare_arms(df, a, b, zero_std, n_boot=n_boot)
+    others = {arm: compare_arms(df, arm, b, zero_std, n_boot=n_boot)
               for arm in sorted(set(df.arm)) if arm not in (a, b)}
     c = curves(df, n_boot=min(n_boot, 2000))
     return {"name": name, "sweep": sweep, "df": df, "cmp": cmp, "others": others, "curves": c,
-            "power": cmp.power(target)}
+            "power": cmp.power(target), "left_out": left_out}
 
 
 def protocol_lines(sweep: Path) -> list[str]:
@@ -88,6 +98,8 @@ def tables(rep: dict) -> list[str]:
     for arm, g in jobs.groupby("arm"):
         out.append(f"- {arm}: seeds {sorted(g.seed)}, final eval step {sorted(set(g.final))}, "
                    f"{'all finished' if g.done.all() else 'NOT all finished'}")
+    for job in rep.get("left_out", []):
+        out.append(f"- left out (unfinished, or its seed lacks a finished job of both arms): `{Path(job).name}`")
     out += ["", *protocol_lines(rep["sweep"]), ""]
     for hop in [h for h in c.hop.unique() if h != "multi"] + ["multi"]:
         part = c[c.hop == hop]
@@ -151,12 +163,15 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--name", default="learning_compare")
     ap.add_argument("--target", type=float, default=0.04, help="wanted half-width of the diff CI")
     ap.add_argument("--n-boot", type=int, default=10_000)
+    ap.add_argument("--unfinished", action="store_true",
+                    help="also use unfinished jobs and unpaired seeds (default: finished, paired)")
     ap.add_argument("--note", help="a markdown file (the reading of the results) put before the method section")
     args = ap.parse_args(argv)
-    reports = [family_report("testbed_compare", Path(args.sweep), args.a, args.b, args.n_boot, args.target)]
+    reports = [family_report("testbed_compare", Path(args.sweep), args.a, args.b, args.n_boot, args.target,
+                             args.unfinished)]
     if Path(args.hard).is_dir():
         reports.append(family_report("testbed_compare_hard", Path(args.hard), args.a, args.b, args.n_boot,
-                                     args.target))
+                                     args.target, args.unfinished))
     for rep in reports:
         print(f"[learning] {rep['name']}: {rep['power']}", flush=True)
     out = Path(args.out)

@@ -245,6 +245,19 @@ def load_sweep(sweep_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def finished_and_paired(df: pd.DataFrame, arms: tuple[str, ...] = ("igpo", "grpo")) -> tuple[pd.DataFrame, list[str]]:
+    """The rows of a `load_sweep` frame that a comparison of a stopped or running sweep may use: jobs that
+    finished (`DONE.json`), of the seeds that every arm in `arms` finished, so the arms stay paired on seeds.
+    Also returns the jobs left out (unfinished, or their seed unpaired)."""
+    done = df[df.done]
+    seeds = set(done.seed)
+    for arm in arms:
+        seeds &= set(done[done.arm == arm].seed)
+    kept = done[done.seed.isin(seeds)]
+    dropped = sorted(set(df.job) - set(kept.job))
+    return kept, dropped
+
+
 def zero_std_fraction(sweep_dir: str | Path) -> pd.DataFrame:
     """Per job: arm, seed and the mean over training steps of `adv/zero_std_group_frac` (TensorBoard);
     a step logged twice (resume) counts once, with its last value."""
@@ -319,9 +332,14 @@ class Comparison:
                               steps_ratio=self.steps_ratio, collapse_ratio=self.collapse_ratio, diff=self.diff.mean,
                               final_step=self.final_step, **extra)
 
-    def power(self, target: float = 0.04) -> str:
-        """Whether the diff CI half-width is ≤ target; if not, how many seeds or questions would do (√n)."""
+    def power(self, target: float = 0.04, min_seeds: int = 5) -> str:
+        """Whether the diff CI half-width is ≤ target with at least `min_seeds` seeds; if it is too wide, how many
+        seeds or questions would do (√n). With few seeds the bootstrap over seeds barely sees the seed-to-seed
+        spread, so a narrow CI from them is not called powered."""
         hw = self.diff.half_width
+        if hw <= target and self.seeds < min_seeds:
+            return (f"diff CI half-width {hw:.4f} <= {target}, but from {self.seeds} seed(s) (< {min_seeds}): the CI "
+                    "does not yet reflect the seed-to-seed spread; not yet powered")
         if hw <= target:
             return f"diff CI half-width {hw:.4f} <= {target}: powered"
         factor = (hw / target) ** 2

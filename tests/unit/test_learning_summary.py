@@ -18,6 +18,7 @@ from igpo.learning import (
     compare_arms,
     curves,
     eval_path,
+    finished_and_paired,
     format_summary,
     is_done,
     load_sweep,
@@ -175,7 +176,20 @@ def test_aggregation_golden(tmp_path):
     assert cmp.collapse_ratio == pytest.approx(0.1 / 0.4)
     summary = parse_summary(cmp.summary(family="base"))
     assert summary["seeds"] == 2 and summary["igpo_final"] == 0.6 and summary["steps_ratio"] == 0.3
-    assert "powered" in cmp.power(0.04)
+    assert cmp.power(0.04, min_seeds=2).endswith(": powered")
+    assert cmp.power(0.04).endswith("not yet powered")  # 2 seeds < the default 5
+
+
+def test_finished_and_paired_leaves_out_unfinished_jobs_and_unpaired_seeds(tmp_path):
+    sweep = make_sweep(tmp_path / "sweep", seeds=(0, 1, 2))
+    (sweep / "igpo_seed1" / EVAL_DIR / DONE).unlink()  # still running: seed 1 has no finished IGPO job
+    (sweep / "grpo_seed2" / EVAL_DIR / DONE).unlink()
+    df = load_sweep(sweep)
+    kept, dropped = finished_and_paired(df, ("igpo", "grpo"))
+    assert sorted(set(zip(kept.arm, kept.seed, strict=True))) == [("grpo", 0), ("igpo", 0)]
+    # grpo_seed1 finished but its seed is unpaired; igpo_seed2 likewise
+    assert [Path(j).name for j in dropped] == ["grpo_seed1", "grpo_seed2", "igpo_seed1", "igpo_seed2"]
+    assert compare_arms(kept, "igpo", "grpo", n_boot=200).seeds == 1
 
 
 def test_aggregation_curves_and_power_advice(tmp_path):
