@@ -240,8 +240,9 @@ def test_tokenizer_corpus_holds_protocol_docs_and_parsable_trajectories(env) -> 
 
 def test_renamed_trajectories_swap_every_name_consistently(env, dataset) -> None:
     """rename=1: same scripts and retrieval, then each trajectory's names swapped for same-type names.
-    The renamed trajectory still answers from its own documents; nothing of the original chain's names
-    is left in it (unless mapped onto itself); the subject becomes a train entity; it is deterministic."""
+    Each original query maps to one same-type name every time it occurs, the renamed query's own document
+    keeps its rank, a correct answer is still read off the last documents, the subject becomes a train
+    entity's name, and the result is deterministic."""
     world, _, tokenizer, retriever, protocol, pieces = env
     questions = world.questions["train"][:60]
     cfg = OracleConfig(rename=1.0)
