@@ -9,8 +9,10 @@ over the variants, medians over rounds), so a busy machine slows every variant a
               attention, so sdpa takes its causal kernel (the default now)
   packed      the same, trajectories packed into rows of `--pack-length` tokens with a block-diagonal mask
   fp32        masked, without autocast
+  eager       masked with transformers' eager attention instead of sdpa (`sft.attn_implementation=eager`)
 Prints the prediction, a table and one line
-`sft_tokens_per_s before=… padmask=… masked=… packed=… fp32=… speedup=… causal_vs_padmask=…`.
+`sft_tokens_per_s before=… padmask=… masked=… packed=… fp32=… eager=… speedup=… causal_vs_padmask=…
+eager_vs_sdpa=…`.
 
   python benchmarks/sft_throughput.py [--steps 8 --rounds 3]
 """
@@ -33,7 +35,9 @@ PREDICTION = """prediction (written before measuring):
   packed vs masked  ~0.9-1.0x: bucketed padding wastes ~1 %, and on CPU sdpa computes the whole masked row
                      (a 1024-token row costs more attention than 4 separate 256-token rows)
   fp32 vs masked    ~0.3x: bf16 matmuls (AVX-512 bf16) are several times faster than fp32 on this CPU
-  masked vs padmask ~1.5x: a 5-step fwd+bwd probe under load ran 2.2-2.7 s causal-only vs 4.4 s with the mask"""
+  masked vs padmask ~1.5x: a 5-step fwd+bwd probe under load ran 2.2-2.7 s causal-only vs 4.4 s with the mask
+  eager vs masked   ~1.25x: an idle profile puts sdpa's CPU flash-attention backward at 24 % of the step; a
+                     probe of fwd+bwd only measured eager at 1.25x (third run, 2026-12-02)"""
 
 
 def main() -> None:
@@ -67,7 +71,8 @@ def main() -> None:
                               samples_per_question=1, seed=0)
     retriever.close()
     model = load_causal_lm(assets["model"])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    eager = load_causal_lm(assets["model"], attn_implementation="eager")
+    opt = torch.optim.AdamW(list(model.parameters()) + list(eager.parameters()), lr=1e-5)
     padded = sft_batches(episodes, tok.pad_token_id, 16, 0)
     packed = sft_batches(episodes, tok.pad_token_id, 16, 0, packing=True, pack_length=args.pack_length)
 
@@ -83,6 +88,7 @@ def main() -> None:
         "masked": (padded, lambda b: sft_loss(model, b, bf16=True)),
         "packed": (packed, lambda b: sft_loss(model, b, bf16=True)),
         "fp32": (padded, lambda b: sft_loss(model, b, bf16=False)),
+        "eager": (padded, lambda b: sft_loss(eager, b, bf16=True)),
     }
     rates: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(args.rounds + 1):  # round 0 warms up
@@ -107,7 +113,8 @@ def main() -> None:
         print(f"| {k} | {v:,.0f} | {v / med['before']:.2f}x |")
     print(f"threads={torch.get_num_threads()}")
     print("sft_tokens_per_s " + " ".join(f"{k}={v:.0f}" for k, v in med.items())
-          + f" speedup={med['masked'] / med['before']:.2f} causal_vs_padmask={med['masked'] / med['padmask']:.2f}")
+          + f" speedup={med['masked'] / med['before']:.2f} causal_vs_padmask={med['masked'] / med['padmask']:.2f}"
+          + f" eager_vs_sdpa={med['eager'] / med['masked']:.2f}")
 
 
 def _with_positions(b: dict) -> dict:

@@ -89,6 +89,7 @@ class IGPOPolicy(L.LightningModule):
         head_chunk_size: int | None = None,
         max_consecutive_skips: int = 3,
         fused_probe: bool = True,
+        attn_implementation: str | None = None,
     ) -> None:
         super().__init__()
         self.model_name = model
@@ -102,6 +103,7 @@ class IGPOPolicy(L.LightningModule):
         self.log_entropy, self.head_chunk_size = log_entropy, head_chunk_size
         self.guard = NonFiniteGuard(max_consecutive_skips)
         self.fused_probe_setting = fused_probe  # see the `fused_probe` property
+        self.attn_implementation = attn_implementation  # transformers attention kernel (None: its default)
         # test hook (tests/integration/test_nonfinite.py): (step, log-probs [b, L]) -> log-probs, applied to the
         # update's log-probs before the non-finite guard sees them; None in every real run
         self._inject: Callable[[int, torch.Tensor], torch.Tensor] | None = None
@@ -113,7 +115,7 @@ class IGPOPolicy(L.LightningModule):
             "optim": asdict(self.optim), "ppo_epochs": ppo_epochs, "mini_batch_size": mini_batch_size,
             "micro_batch_size": micro_batch_size, "torch_dtype": torch_dtype,
             "precision": asdict(self.precision_settings), "max_consecutive_skips": max_consecutive_skips,
-            "fused_probe": fused_probe,
+            "fused_probe": fused_probe, "attn_implementation": attn_implementation,
         }))
         self.model: torch.nn.Module | None = None
         self.ref_model: torch.nn.Module | None = None
@@ -126,7 +128,8 @@ class IGPOPolicy(L.LightningModule):
         if self.model is not None:
             return
         self.model = load_causal_lm(self.model_name, dtype=self.torch_dtype, lora=self.lora,
-                                    gradient_checkpointing=self.gradient_checkpointing)
+                                    gradient_checkpointing=self.gradient_checkpointing,
+                                    attn_implementation=self.attn_implementation)
         if not self.lora.enabled and self.keep_reference:  # full fine-tune: the reference is a frozen copy
             import copy
 

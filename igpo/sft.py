@@ -54,6 +54,7 @@ class SFTConfig:
     max_minutes: float | None = 60.0  # safety limit only: reaching it is an error
     accelerator: str = "auto"
     chunk_size: int | None = None  # rows of the output head per chunk (None: ~128 MiB of logits per block)
+    attn_implementation: str | None = None  # transformers attention kernel (None: its default, sdpa)
     extra: dict = field(default_factory=dict)  # ignored by training; part of the cache key
 
     def __post_init__(self) -> None:
@@ -87,7 +88,8 @@ class SFTModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.model is None:
-            self.model = load_causal_lm(self.model_path, lora=self.cfg.lora)
+            self.model = load_causal_lm(self.model_path, lora=self.cfg.lora,
+                                        attn_implementation=self.cfg.attn_implementation)
 
     def configure_optimizers(self):
         c = self.cfg

@@ -13,7 +13,7 @@ import torch
 from igpo.artifacts import artifact_keys
 from igpo.models.causal_lm import load_causal_lm
 from igpo.prompts import AgentProtocol, encode
-from igpo.sft import SFTConfig, _pack, _pad, lr_factor, right_padded, run_sft, sft_loss
+from igpo.sft import SFTConfig, SFTModule, _pack, _pad, lr_factor, right_padded, run_sft, sft_loss
 from igpo.types import Episode, Question, Turn
 
 pytestmark = pytest.mark.slow
@@ -90,6 +90,26 @@ def test_right_padded_batches_drop_the_mask_and_keep_the_loss(tiny_model_dir, ti
             float(sft_loss(model, masked, bf16=False)), abs=1e-6)
 
 
+def test_eager_attention_gives_the_loss_of_sdpa(tiny_model_dir, tiny_tokenizer, tiny_texts, tmp_path):
+    eps = _episodes(tiny_tokenizer, [t for t in tiny_texts if "<|im_start|>" in t], n=6)
+    padded = _pad([(e.token_ids, e.loss_mask) for e in eps], tiny_tokenizer.pad_token_id)
+    sdpa = load_causal_lm(str(tiny_model_dir)).eval()
+    eager = load_causal_lm(str(tiny_model_dir), attn_implementation="eager").eval()
+    assert (sdpa.config._attn_implementation, eager.config._attn_implementation) == ("sdpa", "eager")
+    with torch.no_grad():
+        assert float(sft_loss(eager, padded, bf16=False)) == pytest.approx(
+            float(sft_loss(sdpa, padded, bf16=False)), abs=1e-5)
+    with pytest.raises(ValueError, match="attn_implementation 'fast'"):
+        load_causal_lm(str(tiny_model_dir), attn_implementation="fast")
+    # the SFT stage trains with the kernel it is given; the exported model loads with the default again
+    cfg = SFTConfig(max_steps=2, batch_size=4, warmup_steps=1, attn_implementation="eager", max_minutes=10)
+    module = SFTModule(str(tiny_model_dir), cfg)
+    module.configure_model()
+    assert module.model.config._attn_implementation == "eager"
+    out, _ = run_sft(tiny_model_dir, eps, tmp_path / "eager", cfg, progress=False)
+    assert load_causal_lm(str(out)).config._attn_implementation == "sdpa"
+
+
 def test_lr_schedule_golden_values():
     cfg = SFTConfig(max_steps=110, warmup_steps=10, min_lr_ratio=0.1)
     assert lr_factor(0, cfg) == pytest.approx(0.1)
@@ -112,6 +132,8 @@ def test_cache_key_changes_with_every_input():
         "tokenizer_texts": 100, "protocol": AgentProtocol(content_sep=" "), "sft": {"max_steps": 11, "lr": 2e-3},
         "oracle": {"probe_think": 0.1},
     }
+    # the attention kernel changes the bytes of the warm start (rounding), so it is part of the key
+    assert artifact_keys(**(base | {"sft": base["sft"] | {"attn_implementation": "eager"}}))["sft"] != ref["sft"]
     for name, value in changes.items():
         keys = artifact_keys(**(base | {name: value}))
         assert keys["sft"] != ref["sft"], name

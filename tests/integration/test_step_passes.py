@@ -51,6 +51,18 @@ def test_golden_two_steps(env):
         assert got["probe"][6] == pytest.approx(want["probe6"], abs=1e-4)
 
 
+def test_eager_attention_gives_the_golden_steps(env):
+    """model.attn_implementation=eager (the demo's setting) reaches the policy's model and changes no number:
+    the fused probe's masks are built for it (additive instead of boolean)."""
+    assert _policy(env[0], attn_implementation="eager").model.config._attn_implementation == "eager"
+    assert _policy(env[0]).model.config._attn_implementation == "sdpa"
+    rec = run_two_steps(*env, precision=FP32, attn_implementation="eager")
+    for got, want in zip(rec, GOLDEN, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+        assert float(got["advantages"].abs().sum()) == pytest.approx(want["adv_abs_sum"], rel=1e-4)
+        assert got["probe"][6] == pytest.approx(want["probe6"], abs=1e-3)
+
+
 def _policy(model_dir, **kw) -> IGPOPolicy:
     torch.manual_seed(1)
     policy = IGPOPolicy(str(model_dir), lora=LoraSettings(r=8, alpha=16), micro_batch_size=6, precision=FP32, **kw)
