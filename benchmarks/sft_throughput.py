@@ -36,7 +36,7 @@ PREDICTION = """prediction (written before measuring):
                      (a 1024-token row costs more attention than 4 separate 256-token rows)
   fp32 vs masked    ~0.3x: bf16 matmuls (AVX-512 bf16) are several times faster than fp32 on this CPU
   masked vs padmask ~1.5x: a 5-step fwd+bwd probe under load ran 2.2-2.7 s causal-only vs 4.4 s with the mask
-  eager vs masked   ~1.25x: an idle profile puts sdpa's CPU flash-attention backward at 24 % of the step; a
+  eager vs masked   ~1.25x: an idle profile puts the CPU flash-attention backward of sdpa at 24 % of the step; a
                      probe of fwd+bwd only measured eager at 1.25x (third run, 2026-12-02)"""
 
 

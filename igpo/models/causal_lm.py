@@ -34,9 +34,9 @@ def load_causal_lm(
 ) -> nn.Module:
     """Load `path` (a directory or hub id) in `dtype`, in train mode, wrapped in LoRA when enabled.
 
-    `attn_implementation` picks the transformers attention kernel (None: its default, sdpa). On a CPU, "eager"
-    trains the tiny testbed model 1.25x faster than sdpa (whose flash backward is a quarter of an SFT step at
-    160-token rows; benchmarks/sft_throughput.py); the two agree to rounding."""
+    `attn_implementation` picks the transformers attention kernel (None: its default, sdpa); the kernels agree
+    to rounding. On a 2-core CPU, "eager" trains the tiny testbed model 1.07x faster than sdpa in isolated SFT
+    steps (benchmarks/sft_throughput.py) and was no faster in a whole 1,000-step SFT build."""
     from transformers import AutoModelForCausalLM
 
     if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
