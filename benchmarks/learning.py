@@ -13,7 +13,8 @@ IGPO − GRPO on multi-hop questions (hops ≥ 2), steps_ratio and collapse_rati
 It prints whether the diff CI half-width is ≤ --target and, if not, how many more seeds or questions
 would be needed (CI ∝ 1/√n). The file ends with one line:
 `learning_summary seeds=N eval_episodes=N igpo_final=X grpo_final=X diff_ci_low=X diff_ci_high=X
-steps_ratio=X collapse_ratio=X diff=X final_step=N [hard_* ...]` for the first family (the hard family's
+steps_ratio=X collapse_ratio=X diff=X final_step=N curve_diff=X curve_diff_ci_low=X curve_diff_ci_high=X
+[hard_* ...]` for the first family (the hard family's
 numbers follow with a `hard_` prefix).
 """
 
@@ -33,6 +34,7 @@ from igpo.learning import (  # noqa: E402
     Comparison,
     compare_arms,
     curves,
+    diff_by_step,
     find_jobs,
     finished_and_paired,
     load_sweep,
@@ -52,6 +54,9 @@ HOW = """How the numbers are computed (igpo.learning):
   seed-mean multi-hop EM curve reaches GRPO's final multi-hop EM, linearly interpolated between the two eval
   points around the crossing. 0 means the shared warm start (step 0) already reaches it (GRPO ended no
   higher than where both started); inf means IGPO never reaches it within the run.
+- **curve mean** (`curve_diff`) = IGPO − GRPO of each question's multi-hop EM averaged over the eval points
+  after step 0, paired on questions, bootstrap over questions and seeds (igpo.learning.diff_by_step): the
+  learning-speed claim with a CI, which `steps_ratio` (a point estimate) lacks.
 - **collapse_ratio** = IGPO's mean share of groups whose advantages all have zero std
   (`adv/zero_std_group_frac`, mean over training steps, then over seeds) ÷ GRPO's; nan when GRPO's is 0
   and IGPO's too, inf when only GRPO's is 0."""
@@ -63,7 +68,7 @@ def family_report(name: str, sweep: Path, a: str, b: str, n_boot: int, target: f
     if not unfinished:
         df, left_out = finished_and_paired(df, (a, b))
         if df.empty:
-            raise SystemExit(f"[learning] {name}: no seed has a finished job of both {a} and {b} yet ({sweep})")
+            return None  # no seed has a finished job of both arms yet
         for job in left_out:
             print(f"[learning] {name}: left out {job} (unfinished, or its seed lacks a finished {a}/{b} job)")
     zero_std = zero_std_fraction(sweep)
@@ -72,8 +77,9 @@ def family_report(name: str, sweep: Path, a: str, b: str, n_boot: int, target: f
     others = {arm: compare_arms(df, arm, b, zero_std, n_boot=n_boot)
               for arm in sorted(set(df.arm)) if arm not in (a, b)}
     c = curves(df, n_boot=min(n_boot, 2000))
+    by_step, curve_diff = diff_by_step(df, a, b, n_boot=min(n_boot, 5000))
     return {"name": name, "sweep": sweep, "df": df, "cmp": cmp, "others": others, "curves": c,
-            "power": cmp.power(target), "left_out": left_out}
+            "power": cmp.power(target), "left_out": left_out, "by_step": by_step, "curve_diff": curve_diff}
 
 
 def protocol_lines(sweep: Path) -> list[str]:
@@ -119,6 +125,16 @@ def tables(rep: dict) -> list[str]:
     for x in [cmp, *rep["others"].values()]:
         out.append(f"| {x.a} vs {x.b} | {x.a_final} | {x.b_final} | {x.diff.mean:+.3f} [{x.diff.lo:+.3f}, "
                    f"{x.diff.hi:+.3f}] | {x.steps_ratio:.3f} | {x.collapse_ratio:.3f} |")
+    by_step, cd = rep["by_step"], rep["curve_diff"]
+    out += ["", f"How much faster, multi-hop: {cmp.a} − {cmp.b} at every eval point, paired on questions, 95 % CI "
+                "over questions and seeds (igpo.learning.diff_by_step):", "",
+            "| | " + " | ".join(f"step {int(s)}" for s in by_step.step) + " | curve mean |",
+            "|---" * (2 + len(by_step)) + "|",
+            f"| {cmp.a} − {cmp.b} | " + " | ".join(f"{r['diff']:+.3f} [{r.lo:+.3f}, {r.hi:+.3f}]"
+                                                    for _, r in by_step.iterrows())
+            + f" | {cd.mean:+.3f} [{cd.lo:+.3f}, {cd.hi:+.3f}] |", "",
+            "(curve mean: each question's EM averaged over the eval points after step 0, i.e. the area under the "
+            "learning curve ÷ its length; an arm that learns faster wins it even when both reach the same plateau)"]
     verdict = ("IGPO's final multi-hop EM is above GRPO's with the 95 % CI above zero" if cmp.diff.lo > 0 else
                "IGPO's final multi-hop EM is below GRPO's with the 95 % CI below zero" if cmp.diff.hi < 0 else
                "the 95 % CI of IGPO − GRPO contains zero: no difference shown at this power")
@@ -167,23 +183,39 @@ def main(argv: list[str] | None = None) -> str:
                     help="also use unfinished jobs and unpaired seeds (default: finished, paired)")
     ap.add_argument("--note", help="a markdown file (the reading of the results) put before the method section")
     args = ap.parse_args(argv)
-    reports = [family_report("testbed_compare", Path(args.sweep), args.a, args.b, args.n_boot, args.target,
-                             args.unfinished)]
+    first = family_report("testbed_compare", Path(args.sweep), args.a, args.b, args.n_boot, args.target,
+                          args.unfinished)
+    if first is None:
+        raise SystemExit(f"[learning] testbed_compare: no seed has a finished job of both {args.a} and {args.b} yet "
+                         f"({args.sweep})")
+    reports, pending = [first], []
     if Path(args.hard).is_dir():
-        reports.append(family_report("testbed_compare_hard", Path(args.hard), args.a, args.b, args.n_boot,
-                                     args.target, args.unfinished))
+        try:
+            hard = family_report("testbed_compare_hard", Path(args.hard), args.a, args.b, args.n_boot, args.target,
+                                 args.unfinished)
+        except FileNotFoundError:  # started, no eval point written yet
+            hard = None
+        if hard is None:
+            pending.append(f"testbed_compare_hard (`{args.hard}`): no seed has a finished job of both {args.a} and "
+                           f"{args.b} yet; left out of this report")
+            print(f"[learning] {pending[-1]}", flush=True)
+        else:
+            reports.append(hard)
     for rep in reports:
         print(f"[learning] {rep['name']}: {rep['power']}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(reports, out / f"{args.name}.png")
     main_cmp: Comparison = reports[0]["cmp"]
-    extra = {}
+    cd = reports[0]["curve_diff"]
+    extra = {"curve_diff": cd.mean, "curve_diff_ci_low": cd.lo, "curve_diff_ci_high": cd.hi}
     for rep in reports[1:]:
         h: Comparison = rep["cmp"]
         extra |= {"hard_seeds": h.seeds, "hard_eval_episodes": h.episodes, "hard_igpo_final": h.a_final.mean,
                   "hard_grpo_final": h.b_final.mean, "hard_diff_ci_low": h.diff.lo, "hard_diff_ci_high": h.diff.hi,
-                  "hard_steps_ratio": h.steps_ratio, "hard_collapse_ratio": h.collapse_ratio}
+                  "hard_steps_ratio": h.steps_ratio, "hard_collapse_ratio": h.collapse_ratio,
+                  "hard_curve_diff": rep["curve_diff"].mean, "hard_curve_diff_ci_low": rep["curve_diff"].lo,
+                  "hard_curve_diff_ci_high": rep["curve_diff"].hi}
     summary = main_cmp.summary(**extra)
     command = "python benchmarks/learning.py " + " ".join(sys.argv[1:] if argv is None else argv)
     md = ["# IGPO vs GRPO with statistical power: held-out learning curves on the synthetic testbed", "",
@@ -193,6 +225,7 @@ def main(argv: list[str] | None = None) -> str:
           f"Curves: ![curves]({args.name}.png)", ""]
     for rep in reports:
         md += tables(rep)
+    md += [f"- {p}" for p in pending] + ([""] if pending else [])
     if args.note:
         md += [Path(args.note).read_text(encoding="utf-8").strip(), ""]
     md += [HOW, "", "Why the arms end where they do (which turns get which gains): probe_signal.md "

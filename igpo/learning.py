@@ -387,6 +387,43 @@ def compare_arms(df: pd.DataFrame, a: str = "igpo", b: str = "grpo", zero_std: p
                       b_final, bootstrap_diff(ma, mb, n_boot=n_boot, seed=seed), ratio, collapse)
 
 
+def _multi_matrices(df: pd.DataFrame, arms: tuple[str, str], step: int, metric: str) -> tuple[np.ndarray, ...]:
+    """[S, Q] multi-hop scores of each arm at `step`, on the questions every seed of both arms has."""
+    multi = df[(df.hops >= 2) & (df.step == step)]
+    mats = [_matrix(multi[multi.arm == arm], metric) for arm in arms]
+    common = sorted(set.intersection(*(set(q) for q, _ in mats)))
+    return tuple(m[:, [q.index(c) for c in common]] for q, m in mats)
+
+
+def diff_by_step(df: pd.DataFrame, a: str = "igpo", b: str = "grpo", metric: str = "em", n_boot: int = 2000,
+                 seed: int = 0) -> tuple[pd.DataFrame, Estimate]:
+    """How much faster arm `a` learns than arm `b`, with CIs: at every eval step both arms reached (up to the
+    final common step), mean(a) − mean(b) on multi-hop questions with a paired bootstrap 95 % CI over
+    questions and seeds (`igpo.stats.bootstrap_diff`); and the same for the curve mean, each question's score
+    averaged over the eval steps after step 0 (the area under the learning curve ÷ its length), which a
+    faster-learning arm wins even when both end at the same plateau.
+    Returns (DataFrame step, diff, lo, hi, seeds, questions; the curve-mean Estimate)."""
+    jobs = df[df.arm.isin([a, b])].groupby("job").step.max()
+    final = int(jobs.min())
+    steps = sorted(set(df[(df.arm == a) & (df.step <= final)].step) & set(df[(df.arm == b) & (df.step <= final)].step))
+    rows, later = [], []
+    for step in steps:
+        ma, mb = _multi_matrices(df, (a, b), step, metric)
+        est = bootstrap_diff(ma, mb, n_boot=n_boot, seed=seed)
+        rows.append({"step": int(step), "diff": est.mean, "lo": est.lo, "hi": est.hi, "seeds": ma.shape[0],
+                     "questions": ma.shape[1]})
+        if step > 0:
+            later.append((ma, mb))
+    if not later:
+        raise ValueError(f"diff_by_step: no eval point after step 0 that both {a!r} and {b!r} reached")
+    shapes = {(x.shape, y.shape) for x, y in later}
+    if len(shapes) != 1:
+        raise ValueError(f"diff_by_step: the eval points after step 0 cover different seeds or questions {shapes}")
+    mean_a = np.mean([x for x, _ in later], axis=0)
+    mean_b = np.mean([y for _, y in later], axis=0)
+    return pd.DataFrame(rows), bootstrap_diff(mean_a, mean_b, n_boot=n_boot, seed=seed)
+
+
 # ---- the summary line -----------------------------------------------------------------------------
 SUMMARY_PREFIX = "learning_summary"
 SUMMARY_KEYS = ("seeds", "eval_episodes", "igpo_final", "grpo_final", "diff_ci_low", "diff_ci_high", "steps_ratio",

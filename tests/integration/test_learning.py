@@ -5,6 +5,7 @@ training; benchmarks/learning.py and notebooks/04_learning_curves.ipynb read the
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -96,13 +97,19 @@ def test_benchmark_script_on_the_sweep(sweep, tmp_path):
         sys.path.remove(str(ROOT / "benchmarks"))
     note = tmp_path / "reading.md"
     note.write_text("Reading: a hand-written paragraph.\n")
-    line = bench.main(["--sweep", str(sweep), "--hard", str(tmp_path / "none"), "--out", str(tmp_path / "res"),
+    hard = tmp_path / "hard"  # a hard-family sweep that has started but finished no job: reported as pending
+    shutil.copytree(sweep / JOBS[0], hard / JOBS[0])
+    (hard / JOBS[0] / EVAL_DIR / DONE).unlink()
+    line = bench.main(["--sweep", str(sweep), "--hard", str(hard), "--out", str(tmp_path / "res"),
                        "--n-boot", "500", "--note", str(note)])
     md = (tmp_path / "res" / "learning_compare.md").read_text().splitlines()
+    assert any(x.startswith("- testbed_compare_hard") and "no seed has a finished job" in x for x in md)
+    assert "hard_seeds" not in line
     assert md[-1] == line and (tmp_path / "res" / "learning_compare.png").stat().st_size > 0
     assert md.index("Reading: a hand-written paragraph.") < md.index(line)
     values = parse_summary(md[-1])
     assert values["seeds"] == 1 and values["eval_episodes"] == 6 and values["final_step"] == 2
+    assert values["curve_diff_ci_low"] <= values["curve_diff"] <= values["curve_diff_ci_high"]
     assert 0.0 <= values["igpo_final"] <= 1.0 and values["diff_ci_low"] <= values["diff_ci_high"]
 
 

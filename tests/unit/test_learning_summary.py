@@ -17,6 +17,7 @@ from igpo.learning import (
     SUMMARY_KEYS,
     compare_arms,
     curves,
+    diff_by_step,
     eval_path,
     finished_and_paired,
     format_summary,
@@ -178,6 +179,23 @@ def test_aggregation_golden(tmp_path):
     assert summary["seeds"] == 2 and summary["igpo_final"] == 0.6 and summary["steps_ratio"] == 0.3
     assert cmp.power(0.04, min_seeds=2).endswith(": powered")
     assert cmp.power(0.04).endswith("not yet powered")  # 2 seeds < the default 5
+
+
+def test_diff_by_step_golden(tmp_path):
+    df = load_sweep(make_sweep(tmp_path / "sweep"))
+    by_step, curve = diff_by_step(df, "igpo", "grpo", n_boot=2000)
+    assert list(by_step.step) == [0, 10, 20] and set(by_step.seeds) == {2} and set(by_step.questions) == {4}
+    # 2-hop means: IGPO 0.25 / 0.5 / 0.6, GRPO 0.25 / 0.3 / 0.4
+    assert list(by_step["diff"]) == pytest.approx([0.0, 0.2, 0.2])
+    s0, s10, s20 = (by_step.iloc[i] for i in range(3))
+    assert (s0.lo, s0.hi) == pytest.approx((0.0, 0.0))  # the shared warm start: no difference at all
+    assert (s20.lo, s20.hi) == pytest.approx((0.2, 0.2))  # every question differs by 0.2
+    assert s10.lo < 0.2 < s10.hi  # per-question differences 0.5, 0, 0.5, -0.2
+    # curve mean over steps 10 and 20: per question (0.35, 0.1, 0.35, 0.0), mean 0.2
+    assert curve.mean == pytest.approx(0.2) and 0.0 <= curve.lo < 0.2 < curve.hi <= 0.35
+    assert curve.n_questions == 4 and curve.n_seeds == 2
+    with pytest.raises(ValueError, match="no eval point after step 0"):
+        diff_by_step(df[df.step == 0], "igpo", "grpo")
 
 
 def test_finished_and_paired_leaves_out_unfinished_jobs_and_unpaired_seeds(tmp_path):
