@@ -369,10 +369,7 @@ def compare_arms(df: pd.DataFrame, a: str = "igpo", b: str = "grpo", zero_std: p
     jobs = df[df.arm.isin([a, b])].groupby("job").step.max()
     final = int(jobs.min())
     at = {arm: multi[(multi.arm == arm) & (multi.step == final)] for arm in (a, b)}
-    qa, ma = _matrix(at[a], metric)
-    qb, mb = _matrix(at[b], metric)
-    common = sorted(set(qa) & set(qb))
-    ma, mb = ma[:, [qa.index(q) for q in common]], mb[:, [qb.index(q) for q in common]]
+    ma, mb = _multi_matrices(df, (a, b), final, metric)
     curve_a = multi[multi.arm == a].groupby("step")[metric].mean()
     b_final = bootstrap_mean(mb, n_boot=n_boot, seed=seed)
     reach = steps_to_reach(curve_a.index.to_numpy(), curve_a.to_numpy(), float(mb.mean()))
