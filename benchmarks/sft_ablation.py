@@ -48,6 +48,12 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # cannot be memorised, so the model must copy names from its context, as held-out questions require
     "lean_rename_b8": ("lean, names swapped in every trajectory, batch 8",
                        [*LEAN, "++prepare.oracle.rename=1.0", "prepare.sft.batch_size=8"]),
+    # one document per search (the oracle's and the rollouts' retrieval depth): ~25 % fewer tokens per trajectory
+    # and no second, unrelated document to read past; a different (easier) retrieval task, for the demo only
+    "lean_k1": ("lean, 1 document per search instead of 2", [*LEAN, "prepare.oracle.k=1", "data.rollout.search_k=1"]),
+    # the tokenizer trained on the text between tags (as the encoder splits it): a name right after a tag becomes
+    # one token (`<answer>Fenrel`) instead of pieces to spell (`Fen`+`rel`); 162 -> 154 tokens per trajectory
+    "lean_split": ("lean, tokenizer trained on the text between tags", [*LEAN, "++prepare.tokenizer.split_tags=true"]),
     # a narrower MLP (1024 -> 512; ~80 % of the matmul work is MLP): cheaper tokens, if the copying still learns
     "lean_i512": ("lean, MLP 512 instead of 1024", [*LEAN, "prepare.model.intermediate_size=512"]),
     "lean_i512_b12": ("lean, MLP 512, batch 12", [*LEAN, "prepare.model.intermediate_size=512",

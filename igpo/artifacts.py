@@ -74,7 +74,8 @@ def prepare_synthetic(
         built_world = build_world(wcfg)
         texts = tokenizer_corpus(built_world, tokenizer_texts, protocol=protocol, seed=seed)
         log.info("building tiny model %s", base_dir)
-        build_tiny(base_dir, texts, vocab_size=tok_cfg.get("vocab_size", 2048), seed=seed, protocol=protocol,
+        build_tiny(base_dir, texts, vocab_size=tok_cfg.get("vocab_size", 2048),
+                   split_tags=bool(tok_cfg.get("split_tags", False)), seed=seed, protocol=protocol,
                    **model_cfg)
     model_dir = base_dir
     if sft:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -42,7 +43,7 @@ CHATML_TEMPLATE = (
 
 
 def train_tokenizer(
-    texts: Iterable[str], vocab_size: int = 2048, protocol: AgentProtocol | None = None
+    texts: Iterable[str], vocab_size: int = 2048, protocol: AgentProtocol | None = None, split_tags: bool = False
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer (Qwen2 pre-tokenisation) with ChatML markers and protocol tags.
 
@@ -70,6 +71,8 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
+    if split_tags:
+        texts = _segments(texts, [*specials, *tags])
     tok.train_from_iterator(_nonempty(texts), trainer=trainer)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in tags])
     return PreTrainedTokenizerFast(
@@ -83,6 +86,16 @@ def train_tokenizer(
         model_max_length=32768,
         clean_up_tokenization_spaces=False,
     )
+
+
+def _segments(texts: Iterable[str], markers: list[str]) -> Iterator[str]:
+    """The pieces of each text between markers (special tokens and protocol tags): what the pre-tokeniser
+    sees at encode time, where added tokens split the text first. Trained on whole texts instead, a word
+    right after a tag (`<answer>Fenrel`) reaches BPE glued to the tag's `>` and never gets the merges of
+    its bare form, so at encode time it falls apart into pieces (`Fen`+`rel`) that the policy must spell."""
+    pattern = re.compile("|".join(re.escape(m) for m in sorted(markers, key=len, reverse=True)))
+    for text in texts:
+        yield from (piece for piece in pattern.split(text) if piece)
 
 
 def _nonempty(texts: Iterable[str]) -> Iterator[str]:
@@ -144,6 +157,7 @@ def build_tiny(
     texts: Iterable[str],
     *,
     vocab_size: int = 2048,
+    split_tags: bool = False,
     seed: int = 0,
     overwrite: bool = False,
     protocol: AgentProtocol | None = None,
@@ -158,7 +172,7 @@ def build_tiny(
     out = Path(out_dir).resolve()
     if out.exists() and not overwrite:
         raise FileExistsError(f"build_tiny: {out} already exists (pass overwrite=True to replace it)")
-    tokenizer = train_tokenizer(texts, vocab_size=vocab_size, protocol=protocol)
+    tokenizer = train_tokenizer(texts, vocab_size=vocab_size, protocol=protocol, split_tags=split_tags)
     model = build_tiny_model(tokenizer, seed=seed, **model_kwargs)
     model.generation_config = GenerationConfig(
         bos_token_id=None,

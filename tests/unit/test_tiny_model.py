@@ -174,3 +174,32 @@ def test_vllm_loads_tiny_model(tiny_model_dir: Path, tiny_tokenizer) -> None:
             assert vllm_tok.encode(text, add_special_tokens=False) == want
     finally:
         gen.close()
+
+
+
+def test_split_tags_trains_the_bare_form_of_a_word_after_a_tag() -> None:
+    """At encode time a tag (an added token) splits the text first, so `Fenrel` after `<answer>` is a bare word.
+    Trained on whole texts, BPE sees it only glued to the tag's `>` and the bare form falls apart into pieces the
+    policy must spell; trained on the text between tags (`split_tags=True`) it is one token, as in the question."""
+    import re
+
+    from igpo.data.oracle import tokenizer_corpus
+    from igpo.data.world import WorldConfig, build_world
+    from igpo.models.tiny import train_tokenizer
+
+    world = build_world(WorldConfig(n_people=60, n_companies=12, n_cities=8, n_countries=3, n_first_names=30,
+                                    n_last_names=30, seed=2))
+    texts = tokenizer_corpus(world, 200)
+    bare = re.findall(r"(?:<search>|<answer>|<think>)(\w+)", " ".join(texts))  # the first word after a tag
+    assert len(bare) > 1000
+
+    def one_token_share(tok) -> float:
+        return sum(len(tok.tokenize(w)) == 1 for w in bare) / len(bare)
+
+    whole = train_tokenizer(texts, vocab_size=1024)
+    split = train_tokenizer(texts, vocab_size=1024, split_tags=True)
+    assert one_token_share(whole) < 0.5 < 0.95 < one_token_share(split)  # measured: 0.30 vs 0.99
+    # the same texts encode and decode exactly, and tags stay single ids
+    text = texts[-1]
+    assert split.decode(split.encode(text, add_special_tokens=False)) == text
+    assert split.tokenize("<answer>" + bare[0])[0] == "<answer>"
