@@ -39,6 +39,9 @@ def test_demo_small_budget(tmp_path, capsys):
         assert key in values, key
     assert values["em2_delta_ci_low"] <= values["em2_delta_ci_high"]
     assert values["rl_steps"] == 2 and values["sft_steps"] == 20
+    # demo.sampled_hops=[2]: 1-hop questions are evaluated greedily only (rows and keys follow the config)
+    assert "| 1hop/greedy |" in out and "| 2hop/sampled |" in out and "1hop/sampled" not in out
+    assert "em1_sampled_before" not in values
     timing = next(line for line in lines if line.startswith("demo_timing "))
     assert re.search(r"assets_s=\S+ eval_before_s=\S+ rl_s=\S+ eval_after_s=\S+ total_s=", timing)
     assert (tmp_path / "out" / "demo.log").stat().st_size > 0  # library logs went to the file
