@@ -138,15 +138,17 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> str:
     t2 = time.perf_counter()
     print(f"[demo] 3/4 {cfg.trainer.max_steps} {cfg.algorithm.name} steps "
           f"({cfg.data.questions_per_step} questions x {cfg.data.group_size} episodes)", flush=True)
+    dm.keep_engine = True  # the engine outlives fit's teardown: the evaluation after RL needs no restart
     trainer.fit(policy, datamodule=dm)
     timing["rl_s"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
     print("[demo] 4/4 evaluate again (same questions, same sampling seeds)", flush=True)
-    dm.setup("fit")  # fit tore the engine down; a fresh engine gets the trained weights pushed below
-    instantiate(cfg.sync).sync(policy.model, dm.generator, trainer.global_step + 1)
+    dm.setup("fit")  # a no-op while the engine is up
+    instantiate(cfg.sync).sync(policy.model, dm.generator, trainer.global_step + 1)  # the final weights
     after = evaluate_policy(dm, questions, cfg.demo.samples, cfg.demo.temperature, cfg.seed + 1, sampled_hops)
-    dm.teardown("fit")
+    dm.keep_engine = False
+    dm.close()
     timing["eval_after_s"] = time.perf_counter() - t3
     timing["total_s"] = time.perf_counter() - t0
 

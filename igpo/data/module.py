@@ -65,6 +65,9 @@ class RolloutDataModule(L.LightningDataModule):
         self.steps_done = 0
         self.rank, self.world_size = 0, 1  # set in setup() from the trainer (DDP), else one process
         self.tokenizer = self.pieces = self.runner = None
+        # True: teardown() leaves the engine and the retriever up (a caller that evaluates after trainer.fit,
+        # which tears the datamodule down, saves a restart); close() ends them
+        self.keep_engine = False
         self.train_set: list[Question] = []
         self.val_set: list[Question] = []
         self.last_episodes: list[Episode] = []
@@ -93,6 +96,12 @@ class RolloutDataModule(L.LightningDataModule):
         self.runner = RolloutRunner(self.generator, self.retriever, self.tokenizer, self.protocol, self.rollout_config)
 
     def teardown(self, stage: str | None = None) -> None:
+        if self.runner is None or self.keep_engine:
+            return
+        self.close()
+
+    def close(self) -> None:
+        """Shut the generator engine and the retriever down (setup() starts them again)."""
         if self.runner is None:
             return
         self.generator.close()
