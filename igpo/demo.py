@@ -2,7 +2,7 @@
 
 Phases (each timed; the timing line is printed before the summary):
   1. assets     — world, tokenizer + tiny model, SFT warm start (budgeted in optimizer steps; cached)
-  2. eval       — the SFT policy on held-out questions: greedy and sampled, 1-hop and 2-hop
+  2. eval       — the SFT policy on held-out questions: greedy on each hop, sampled on `demo.sampled_hops`
   3. rl         — IGPO with LoRA through the normal training path
   4. eval       — the same questions and sampling seeds again
 Library logs (vLLM, Lightning, transformers, warnings) go to `<run dir>/demo.log`, not to the console.

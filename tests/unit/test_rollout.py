@@ -197,3 +197,29 @@ def test_sampled_validation_is_seeded_by_step_and_chunk(tiny_tokenizer):
     assert seeds(0.8, step=3) == first  # the same after a restart
     assert seeds(0.8, step=6) != first and seeds(0.8, step=3, seed=1) != first
     assert seeds(0.0, step=3) == [None, None, None]
+
+
+def test_keep_engine_survives_teardown_until_close() -> None:
+    """`keep_engine` lets a caller evaluate after trainer.fit (which tears the datamodule down) without restarting
+    the engine; close() then shuts the generator and the retriever down once."""
+    from igpo.data.module import RolloutDataModule
+
+    class Closable:
+        closed = 0
+
+        def close(self) -> None:
+            self.closed += 1
+
+    gen, ret = Closable(), Closable()
+    dm = RolloutDataModule([], gen, ret, "unused")
+    dm.runner = object()
+    dm.keep_engine = True
+    dm.teardown("fit")
+    assert dm.runner is not None and gen.closed == ret.closed == 0
+    dm.close()
+    assert dm.runner is None and gen.closed == ret.closed == 1
+    dm.close()  # idempotent
+    dm.runner = object()
+    dm.keep_engine = False
+    dm.teardown("fit")  # the default: teardown closes
+    assert dm.runner is None and gen.closed == ret.closed == 2
