@@ -61,6 +61,15 @@ def evaluate_policy(dm, questions: dict[int, list[Question]], samples: int, temp
     return out
 
 
+def sampled_hops_of(value, hops: tuple[int, ...] = (1, 2)) -> tuple[int, ...]:
+    """`demo.sampled_hops` checked: a list of evaluated hop counts that includes 2 (the summary's sampled EM)."""
+    picked = tuple(sorted({int(h) for h in value})) if value is not None else hops
+    if 2 not in picked or not set(picked) <= set(hops):
+        raise ValueError(f"demo.sampled_hops={list(value)!r}: must list hop counts from {list(hops)} and include 2 "
+                         "(the summary's 2-hop sampled EM)")
+    return picked
+
+
 def _mean(episodes: list[Episode]) -> dict[str, float]:
     pooled = summarize(episodes)[POOLED]  # the eval harness's definitions
     return {k: pooled[k] for k in METRICS} | {"n": int(pooled["count"]), "questions": int(pooled["questions"])}
@@ -131,7 +140,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> str:
     questions = {h: qs for h, qs in questions.items() if h in (1, 2)}
     t1 = time.perf_counter()
     print(f"[demo] 2/4 evaluate the SFT policy: {sum(map(len, questions.values()))} held-out questions", flush=True)
-    sampled_hops = tuple(sorted({2, *cfg.demo.get("sampled_hops", [1, 2])}))  # 2-hop sampled EM is the summary
+    sampled_hops = sampled_hops_of(cfg.demo.get("sampled_hops"))
     before = evaluate_policy(dm, questions, cfg.demo.samples, cfg.demo.temperature, cfg.seed + 1, sampled_hops)
     timing["eval_before_s"] = time.perf_counter() - t1
 
@@ -139,16 +148,18 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> str:
     print(f"[demo] 3/4 {cfg.trainer.max_steps} {cfg.algorithm.name} steps "
           f"({cfg.data.questions_per_step} questions x {cfg.data.group_size} episodes)", flush=True)
     dm.keep_engine = True  # the engine outlives fit's teardown: the evaluation after RL needs no restart
-    trainer.fit(policy, datamodule=dm)
-    timing["rl_s"] = time.perf_counter() - t2
+    try:
+        trainer.fit(policy, datamodule=dm)
+        timing["rl_s"] = time.perf_counter() - t2
 
-    t3 = time.perf_counter()
-    print("[demo] 4/4 evaluate again (same questions, same sampling seeds)", flush=True)
-    dm.setup("fit")  # a no-op while the engine is up
-    instantiate(cfg.sync).sync(policy.model, dm.generator, trainer.global_step + 1)  # the final weights
-    after = evaluate_policy(dm, questions, cfg.demo.samples, cfg.demo.temperature, cfg.seed + 1, sampled_hops)
-    dm.keep_engine = False
-    dm.close()
+        t3 = time.perf_counter()
+        print("[demo] 4/4 evaluate again (same questions, same sampling seeds)", flush=True)
+        dm.setup("fit")  # a no-op while the engine is up
+        instantiate(cfg.sync).sync(policy.model, dm.generator, trainer.global_step + 1)  # the final weights
+        after = evaluate_policy(dm, questions, cfg.demo.samples, cfg.demo.temperature, cfg.seed + 1, sampled_hops)
+    finally:  # the engine is closed on an error too
+        dm.keep_engine = False
+        dm.close()
     timing["eval_after_s"] = time.perf_counter() - t3
     timing["total_s"] = time.perf_counter() - t0
 

@@ -48,3 +48,12 @@ def test_demo_small_budget(tmp_path, capsys):
     assert "INFO" not in out and "WARNING" not in out  # ... not to the console
     with pytest.raises(ValueError, match="not a demo_summary"):
         parse_summary("demo_timing x=1")
+
+
+def test_sampled_hops_must_include_two_and_evaluated_hops() -> None:
+    from igpo.demo import sampled_hops_of
+
+    assert sampled_hops_of([2]) == (2,) and sampled_hops_of([2, 1, 2]) == (1, 2) and sampled_hops_of(None) == (1, 2)
+    for bad in ([1], [2, 3], []):
+        with pytest.raises(ValueError, match=r"demo\.sampled_hops=.*include 2"):
+            sampled_hops_of(bad)

@@ -176,7 +176,6 @@ def test_vllm_loads_tiny_model(tiny_model_dir: Path, tiny_tokenizer) -> None:
         gen.close()
 
 
-
 def test_split_tags_trains_the_bare_form_of_a_word_after_a_tag() -> None:
     """At encode time a tag (an added token) splits the text first, so `Fenrel` after `<answer>` is a bare word.
     Trained on whole texts, BPE sees it only glued to the tag's `>` and the bare form falls apart into pieces the
