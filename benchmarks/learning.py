@@ -74,10 +74,16 @@ def family_report(name: str, sweep: Path, a: str, b: str, n_boot: int, target: f
     zero_std = zero_std_fraction(sweep)
     zero_std = zero_std.merge(df[["arm", "seed"]].drop_duplicates(), on=["arm", "seed"])
     cmp = compare_arms(df, a, b, zero_std, n_boot=n_boot)
-    others = {arm: compare_arms(df, arm, b, zero_std, n_boot=n_boot)
-              for arm in sorted(set(df.arm)) if arm not in (a, b)}
     c = curves(df, n_boot=min(n_boot, 2000))
     by_step, curve_diff = diff_by_step(df, a, b, n_boot=min(n_boot, 5000))
+    others = []  # every other arm (ig_only, the item-7 levers) against B and against A, on the seeds both finished
+    for arm in sorted(set(df.arm) - {a, b}):
+        for ref in (b, a):
+            both = df[df.seed.isin(set(df[df.arm == arm].seed) & set(df[df.arm == ref].seed))]
+            if both.empty:
+                continue
+            others.append((compare_arms(both, arm, ref, zero_std, n_boot=n_boot),
+                           diff_by_step(both, arm, ref, n_boot=min(n_boot, 5000))[1]))
     return {"name": name, "sweep": sweep, "df": df, "cmp": cmp, "others": others, "curves": c,
             "power": cmp.power(target), "left_out": left_out, "by_step": by_step, "curve_diff": curve_diff}
 
@@ -120,11 +126,14 @@ def tables(rep: dict) -> list[str]:
         out += ["", f"(final point: {int(last.seeds.min())} seeds × {int(last.questions.min())} questions, "
                     f"{int(last.episodes.min())} episodes per arm)", ""]
     out += [f"Final point (step {cmp.final_step}), multi-hop:", "",
-            "| comparison | A final | B final | diff A − B [95 % CI] | steps_ratio | collapse_ratio |",
-            "|---|---|---|---|---|---|"]
-    for x in [cmp, *rep["others"].values()]:
-        out.append(f"| {x.a} vs {x.b} | {x.a_final} | {x.b_final} | {x.diff.mean:+.3f} [{x.diff.lo:+.3f}, "
-                   f"{x.diff.hi:+.3f}] | {x.steps_ratio:.3f} | {x.collapse_ratio:.3f} |")
+            "| comparison | seeds | A final | B final | diff A − B [95 % CI] | curve mean A − B [95 % CI] "
+            "| steps_ratio | collapse_ratio |", "|---|---|---|---|---|---|---|---|"]
+    for x, curve in [(cmp, rep["curve_diff"]), *rep["others"]]:
+        out.append(f"| {x.a} vs {x.b} | {x.seeds} | {x.a_final} | {x.b_final} | {x.diff.mean:+.3f} [{x.diff.lo:+.3f}, "
+                   f"{x.diff.hi:+.3f}] | {curve.mean:+.3f} [{curve.lo:+.3f}, {curve.hi:+.3f}] | {x.steps_ratio:.3f} "
+                   f"| {x.collapse_ratio:.3f} |")
+    out += ["", "(steps_ratio and collapse_ratio: arm A against arm B, as defined below; the curve mean is "
+                "defined there too)"]
     by_step, cd = rep["by_step"], rep["curve_diff"]
     out += ["", f"How much faster, multi-hop: {cmp.a} − {cmp.b} at every eval point, paired on questions, 95 % CI "
                 "over questions and seeds (igpo.learning.diff_by_step):", "",
@@ -182,6 +191,10 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--unfinished", action="store_true",
                     help="also use unfinished jobs and unpaired seeds (default: finished, paired)")
     ap.add_argument("--note", help="a markdown file (the reading of the results) put before the method section")
+    ap.add_argument("--title", default="IGPO vs GRPO with statistical power: held-out learning curves on the "
+                                       "synthetic testbed")
+    ap.add_argument("--sweep-command", action="append",
+                    help="the sweep command(s) shown at the top (default: the two testbed_compare sweeps)")
     args = ap.parse_args(argv)
     first = family_report("testbed_compare", Path(args.sweep), args.a, args.b, args.n_boot, args.target,
                           args.unfinished)
@@ -218,10 +231,10 @@ def main(argv: list[str] | None = None) -> str:
                   "hard_curve_diff_ci_high": rep["curve_diff"].hi}
     summary = main_cmp.summary(**extra)
     command = "python benchmarks/learning.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    md = ["# IGPO vs GRPO with statistical power: held-out learning curves on the synthetic testbed", "",
+    md = [f"# {args.title}", "",
           "Sweeps (one job per arm × seed, each from the same SFT warm start, the same training questions per "
           "step for a seed, and the same held-out questions and sampling seeds at every eval point):", "",
-          *[f"    {c}" for c in COMMANDS], f"    {command.strip()}", "",
+          *[f"    {c}" for c in args.sweep_command or COMMANDS], f"    {command.strip()}", "",
           f"Curves: ![curves]({args.name}.png)", ""]
     for rep in reports:
         md += tables(rep)

@@ -229,3 +229,36 @@ def test_aggregation_curves_and_power_advice(tmp_path):
     assert f"{math.ceil(factor)} seeds" in advice and f"{math.ceil(4 * factor)} multi-hop questions" in advice
     with pytest.raises(ValueError, match="no eval points of arm 'ig_only'"):
         compare_arms(df, "ig_only", "grpo")
+
+
+def test_benchmark_reports_other_arms_against_both_references(tmp_path):
+    """benchmarks/learning.py on a sweep with a third arm (an item-7 lever) that finished seed 0 only: the
+    lever is compared with GRPO and with IGPO on seed 0 alone, with its final and curve-mean differences."""
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import learning as bench
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    sweep = make_sweep(tmp_path / "sweep")
+    job = sweep / "lever_seed0"
+    lever = {0: [0.0, 0.5, 0.5, 0.0], 10: [0.5, 0.5, 1.0, 0.2], 20: [0.7, 0.7, 1.0, 0.4]}
+    for step, ems in lever.items():
+        qs = {f"2h-{i}": (2, em) for i, em in enumerate(ems)} | {f"1h-{i}": (1, 0.5) for i in range(2)}
+        write_point(job, "lever", 0, step, qs)
+    (job / EVAL_DIR / DONE).write_text(json.dumps({"max_steps": 20}))
+    line = bench.main(["--sweep", str(sweep), "--hard", str(tmp_path / "none"), "--out", str(tmp_path / "res"),
+                       "--name", "levers", "--n-boot", "500", "--title", "Levers", "--sweep-command", "train.py -m X"])
+    md = (tmp_path / "res" / "levers.md").read_text().splitlines()
+    assert md[0] == "# Levers" and "    train.py -m X" in md and md[-1] == line
+    assert parse_summary(line)["seeds"] == 2  # IGPO vs GRPO keep both seeds
+    rows = {r.split(" | ")[0].lstrip("| "): r.split(" | ") for r in md if r.startswith("| lever vs ")}
+    assert set(rows) == {"lever vs grpo", "lever vs igpo"}
+    # final 2-hop: lever 0.7 mean; GRPO 0.4 -> +0.300; IGPO 0.6 -> +0.100; one seed each
+    # curve mean over steps 10 and 20: lever (0.6, 0.6, 1.0, 0.3), GRPO (0.15, 0.4, 0.65, 0.2), IGPO (0.5, 0.5,
+    # 1.0, 0.2) -> +0.275 and +0.075
+    assert rows["lever vs grpo"][1] == "1" and rows["lever vs grpo"][4].startswith("+0.300 [")
+    assert rows["lever vs grpo"][5].startswith("+0.275 [")
+    assert rows["lever vs igpo"][4].startswith("+0.100 [") and rows["lever vs igpo"][5].startswith("+0.075 [")
