@@ -7,7 +7,11 @@ eval points with igpo.learning.HeldoutEval; a finished job skips itself when lau
     python train.py -m experiment=testbed_compare_hard seed=0,1,2,3,4 algorithm=igpo,grpo,ig_only
     python benchmarks/learning.py
 
-Per family (sweep directory), arm, hop count and eval step: the held-out EM pooled over seeds and
+A sweep directory holds checkpoints and is not committed; `--export SWEEP FILE` writes what the aggregation
+reads into one parquet file (igpo.learning.export_sweep) that is committed under docs/results/sweeps/, and
+`--sweep` / `--hard` accept that file, so the tables can be recomputed without re-running the sweep.
+
+Per family (sweep directory or export), arm, hop count and eval step: the held-out EM pooled over seeds and
 questions with a bootstrap 95 % CI over questions and seeds; at the final point the paired difference
 IGPO − GRPO on multi-hop questions (hops ≥ 2), steps_ratio and collapse_ratio (igpo.learning.compare_arms).
 It prints whether the diff CI half-width is ≤ --target and, if not, how many more seeds or questions
@@ -30,13 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from igpo.learning import (  # noqa: E402
-    EVAL_DIR,
     Comparison,
     compare_arms,
     curves,
     diff_by_step,
-    find_jobs,
+    export_sweep,
     finished_and_paired,
+    first_point,
     load_sweep,
     zero_std_fraction,
 )
@@ -89,8 +93,7 @@ def family_report(name: str, sweep: Path, a: str, b: str, n_boot: int, target: f
 
 
 def protocol_lines(sweep: Path) -> list[str]:
-    job = find_jobs(sweep)[0]
-    rec = json.loads(sorted((job / EVAL_DIR).glob("step_*.json"))[0].read_text())
+    rec = first_point(sweep)
     p = rec.get("protocol") or {}
     counts = ", ".join(f"{h}-hop: {v['questions']}" for h, v in rec["hops"].items())
     return [f"- held-out questions: `{p.get('data_path')}` (sha256 `{str(p.get('data_sha256'))[:16]}…`), "
@@ -191,18 +194,24 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--unfinished", action="store_true",
                     help="also use unfinished jobs and unpaired seeds (default: finished, paired)")
     ap.add_argument("--note", help="a markdown file (the reading of the results) put before the method section")
+    ap.add_argument("--export", nargs=2, action="append", metavar=("SWEEP", "FILE"),
+                    help="first write SWEEP's eval data into FILE (parquet, igpo.learning.export_sweep), to "
+                         "commit; --sweep / --hard accept such a file in place of a directory")
     ap.add_argument("--title", default="IGPO vs GRPO with statistical power: held-out learning curves on the "
                                        "synthetic testbed")
     ap.add_argument("--sweep-command", action="append",
                     help="the sweep command(s) shown at the top (default: the two testbed_compare sweeps)")
     args = ap.parse_args(argv)
+    for sweep, path in args.export or []:
+        export_sweep(sweep, path)
+        print(f"[learning] {sweep} -> {path}", flush=True)
     first = family_report("testbed_compare", Path(args.sweep), args.a, args.b, args.n_boot, args.target,
                           args.unfinished)
     if first is None:
         raise SystemExit(f"[learning] testbed_compare: no seed has a finished job of both {args.a} and {args.b} yet "
                          f"({args.sweep})")
     reports, pending = [first], []
-    if Path(args.hard).is_dir():
+    if Path(args.hard).exists():
         try:
             hard = family_report("testbed_compare_hard", Path(args.hard), args.a, args.b, args.n_boot, args.target,
                                  args.unfinished)

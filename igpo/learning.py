@@ -230,7 +230,9 @@ def find_jobs(sweep_dir: str | Path) -> list[Path]:
 
 def load_sweep(sweep_dir: str | Path) -> pd.DataFrame:
     """One row per (job, eval step, question): arm, seed, step, hops, question, em, f1, format_ok,
-    searches, n (episodes), job, done."""
+    searches, n (episodes), job, done. `sweep_dir` may also be a file written by `export_sweep`."""
+    if Path(sweep_dir).is_file():
+        return _read_export(sweep_dir).drop(columns=["zero_std"])
     rows = []
     for job in find_jobs(sweep_dir):
         done = is_done(job)
@@ -263,6 +265,9 @@ def zero_std_fraction(sweep_dir: str | Path) -> pd.DataFrame:
     a step logged twice (resume) counts once, with its last value."""
     from igpo.analysis import load_scalars
 
+    if Path(sweep_dir).is_file():
+        df = _read_export(sweep_dir)
+        return df.dropna(subset=["zero_std"]).groupby(["arm", "seed"], as_index=False).zero_std.first()
     rows = []
     for job in find_jobs(sweep_dir):
         first = json.loads(next((job / EVAL_DIR).glob("step_*.json")).read_text())
@@ -272,6 +277,40 @@ def zero_std_fraction(sweep_dir: str | Path) -> pd.DataFrame:
         df = load_scalars(tb, [ZERO_STD_TAG]).groupby("step").value.last()
         rows.append({"arm": first["algorithm"], "seed": int(first["seed"]), "zero_std": float(df.mean())})
     return pd.DataFrame(rows, columns=["arm", "seed", "zero_std"])
+
+
+def first_point(sweep: str | Path) -> dict[str, Any]:
+    """The first eval point of a sweep (its protocol, hop counts, sampling) without the per-question rows."""
+    if Path(sweep).is_file():
+        return json.loads(_read_export(sweep).attrs["first_point"])
+    job = find_jobs(sweep)[0]
+    rec = json.loads(sorted((job / EVAL_DIR).glob("step_*.json"))[0].read_text())
+    return {k: v for k, v in rec.items() if k != "questions"}
+
+
+def export_sweep(sweep_dir: str | Path, path: str | Path) -> pd.DataFrame:
+    """Everything the aggregation reads from a sweep directory (eval points, DONE markers, the zero-std group
+    fraction from TensorBoard, the first point's protocol) in one parquet file, written atomically: small enough
+    to commit beside the results (a sweep directory also holds checkpoints), and `load_sweep`,
+    `zero_std_fraction` and `first_point` read it like the directory."""
+    from igpo.io import atomic_path
+
+    df = load_sweep(sweep_dir)
+    df["job"] = [Path(j).name for j in df.job]
+    df = df.merge(zero_std_fraction(sweep_dir), on=["arm", "seed"], how="left")
+    df.attrs["first_point"] = json.dumps(first_point(sweep_dir), sort_keys=True)
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+    return df
+
+
+def _read_export(path: str | Path) -> pd.DataFrame:
+    df = pd.read_parquet(path)
+    missing = {"arm", "seed", "step", "hops", "question", "em", "n", "job", "done", "zero_std"} - set(df.columns)
+    if missing or "first_point" not in df.attrs:
+        raise ValueError(f"{path}: not a sweep export (igpo.learning.export_sweep): missing "
+                         f"{sorted(missing) or 'the first_point metadata'}")
+    return df
 
 
 def _matrix(df: pd.DataFrame, metric: str) -> tuple[list[str], np.ndarray]:

@@ -262,3 +262,35 @@ def test_benchmark_reports_other_arms_against_both_references(tmp_path):
     assert rows["lever vs grpo"][1] == "1" and rows["lever vs grpo"][4].startswith("+0.300 [")
     assert rows["lever vs grpo"][5].startswith("+0.275 [")
     assert rows["lever vs igpo"][4].startswith("+0.100 [") and rows["lever vs igpo"][5].startswith("+0.075 [")
+
+    # --export writes the sweep's file first; the report from that file has the same tables
+    export = tmp_path / "levers.parquet"
+    again = bench.main(["--export", str(sweep), str(export), "--sweep", str(export), "--hard", str(tmp_path / "none"),
+                        "--out", str(tmp_path / "res2"), "--name", "levers", "--n-boot", "500"])
+    assert again == line
+    tables = [r for r in (tmp_path / "res2" / "levers.md").read_text().splitlines() if r.startswith("| ")]
+    assert tables == [r for r in md if r.startswith("| ")]
+
+def test_export_sweep_round_trip(tmp_path):
+    """A sweep exported to one parquet file aggregates to the same numbers as its directory."""
+    from igpo.learning import export_sweep, first_point
+
+    sweep = make_sweep(tmp_path / "sweep")
+    path = tmp_path / "out" / "sweep.parquet"
+    export_sweep(sweep, path)
+    a, b = load_sweep(sweep), load_sweep(path)
+    assert len(a) == len(b) and set(b.job) == {"igpo_seed0", "igpo_seed1", "grpo_seed0", "grpo_seed1"}
+    key = ["arm", "seed", "step", "question"]
+    cols = ["hops", "em", "f1", "n", "done"]
+    pd_a, pd_b = a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True)
+    assert pd_a[key + cols].equals(pd_b[key + cols])
+    za, zb = (zero_std_fraction(x).sort_values(["arm", "seed"]).reset_index(drop=True) for x in (sweep, path))
+    assert za.equals(zb) and list(zb.zero_std) == pytest.approx([0.4, 0.4, 0.1, 0.1])
+    assert first_point(path) == first_point(sweep) and first_point(path)["algorithm"] in {"igpo", "grpo"}
+    c1 = compare_arms(a, "igpo", "grpo", za, n_boot=500)
+    c2 = compare_arms(b, "igpo", "grpo", zb, n_boot=500)
+    assert c1 == c2
+    bad = tmp_path / "bad.parquet"
+    a.drop(columns=["done"]).to_parquet(bad)
+    with pytest.raises(ValueError, match=r"bad.parquet: not a sweep export .*'done'"):
+        load_sweep(bad)
