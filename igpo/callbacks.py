@@ -21,6 +21,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 
 from igpo.generator.sync import WeightSync
 from igpo.prompts import encode, prompt_ids
@@ -259,3 +260,14 @@ def _tensor(values: list[float]):
     import torch
 
     return torch.tensor(values, dtype=torch.float32)
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich progress bar for a run budgeted in steps. Lightning sets `max_epochs=-1` when only
+    `max_steps` is given and its bar then reads "Epoch 0/-2"; this one reads "Epoch 0 (of max_steps=N)"."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        trainer = self.trainer
+        if trainer.max_epochs is not None and trainer.max_epochs < 0 and trainer.max_steps and trainer.max_steps > 0:
+            return f"Epoch {current_epoch} (of max_steps={trainer.max_steps})"
+        return super()._get_train_description(current_epoch)

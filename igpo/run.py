@@ -34,6 +34,10 @@ def prepare_assets(cfg: DictConfig) -> None:
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """Prepare the assets, write the run metadata (`resolved_config.yaml` with the asset paths filled in,
     `versions.json`) into `cfg.paths.output_dir`, then instantiate data module, policy and trainer."""
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from igpo.callbacks import StepProgressBar
+
     prepare_assets(cfg)
     write_run_metadata(cfg.paths.output_dir, cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -41,6 +45,9 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     policy = instantiate(cfg.model)  # the `model` config group builds the policy (an IGPOPolicy)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and c.get("_target_")]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and c.get("_target_")]
+    if cfg.trainer.get("enable_progress_bar", True) is not False and not any(
+            isinstance(c, ProgressBar) for c in callbacks):
+        callbacks.append(StepProgressBar())  # Lightning's default bar, without its "Epoch 0/-2"
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return datamodule, policy, trainer
 

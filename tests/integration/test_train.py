@@ -57,6 +57,9 @@ def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 def test_full_step_updates_lora_only_and_syncs_generator(tmp_path, artifacts):
     cfg = _cfg(tmp_path, artifacts, "trainer.max_steps=2")
     dm, policy, trainer = build(cfg)
+    from igpo.callbacks import StepProgressBar
+
+    assert isinstance(trainer.progress_bar_callback, StepProgressBar)  # not Lightning's "Epoch 0/-2" bar
     policy.configure_model()
     before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
     dm.setup("fit")
