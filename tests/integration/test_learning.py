@@ -114,12 +114,18 @@ def test_benchmark_script_on_the_sweep(sweep, tmp_path):
 
 
 @pytest.mark.notebooks
-def test_learning_curves_notebook(sweep, monkeypatch, tmp_path):
+@pytest.mark.parametrize("source", ["dir", "export"])
+def test_learning_curves_notebook(sweep, monkeypatch, tmp_path, source):
+    """The notebook reads a sweep directory, or the parquet file benchmarks/learning.py --export writes."""
     import nbformat
     from nbclient import NotebookClient
 
+    from igpo.learning import export_sweep
     from tests.integration.test_notebooks import NOTEBOOKS
 
+    if source == "export":
+        export_sweep(sweep, tmp_path / "sweep.parquet")
+        sweep = tmp_path / "sweep.parquet"
     monkeypatch.setenv("IGPO_LEARNING_SWEEP", str(sweep))
     monkeypatch.setenv("IGPO_LEARNING_HARD", str(tmp_path / "none"))
     monkeypatch.delenv("MPLBACKEND", raising=False)
