@@ -13,6 +13,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from igpo.callbacks import StepProgressBar
 from igpo.run import build
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -57,8 +58,6 @@ def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 def test_full_step_updates_lora_only_and_syncs_generator(tmp_path, artifacts):
     cfg = _cfg(tmp_path, artifacts, "trainer.max_steps=2")
     dm, policy, trainer = build(cfg)
-    from igpo.callbacks import StepProgressBar
-
     assert isinstance(trainer.progress_bar_callback, StepProgressBar)  # not Lightning's "Epoch 0/-2" bar
     policy.configure_model()
     before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}

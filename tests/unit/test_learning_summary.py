@@ -271,6 +271,7 @@ def test_benchmark_reports_other_arms_against_both_references(tmp_path):
     tables = [r for r in (tmp_path / "res2" / "levers.md").read_text().splitlines() if r.startswith("| ")]
     assert tables == [r for r in md if r.startswith("| ")]
 
+
 def test_export_sweep_round_trip(tmp_path):
     """A sweep exported to one parquet file aggregates to the same numbers as its directory."""
     from igpo.learning import export_sweep, first_point
