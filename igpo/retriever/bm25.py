@@ -3,7 +3,9 @@
 Each document is indexed as `title + ". " + text`; with `title_boost` the title is repeated once more so
 a query naming an entity exactly ranks that entity's own page first. The saved index carries a
 fingerprint of the corpus file and the parameters; `setup()` reloads it when both match and rebuilds
-(atomically: temp dir, then rename) otherwise.
+(atomically: temp dir, then rename) otherwise. Processes that set up the same index at once (the ranks of a
+DDP run, parallel sweep jobs) take turns on a lock file beside it (`.<index dir>.lock`, filelock): one
+builds, the others wait and then load what it built.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import bm25s
 from bm25s.tokenization import Tokenizer
+from filelock import FileLock
 
 from igpo.io import atomic_dir, sha256_file
 from igpo.retriever.corpus import iter_corpus
@@ -73,12 +76,17 @@ class BM25Retriever:
             return
         if not self.corpus_path.is_file():
             raise FileNotFoundError(f"BM25Retriever: corpus file not found: {self.corpus_path}")
-        fingerprint = self._fresh_fingerprint()
-        if fingerprint is None:
-            fingerprint = file_fingerprint(self.corpus_path)
-            self._build(fingerprint)
-            self.built = True
+        self.index_dir.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.lock_path):  # the check and the build are one step for concurrent processes
+            fingerprint = self._fresh_fingerprint()
+            self.built = fingerprint is None
+            if self.built:
+                self._build(file_fingerprint(self.corpus_path))
         self._load()
+
+    @property
+    def lock_path(self) -> Path:
+        return self.index_dir.with_name(f".{self.index_dir.name}.lock")
 
     def close(self) -> None:
         """Drop the in-memory index (the saved one stays on disk)."""
@@ -142,6 +150,9 @@ class BM25Retriever:
 
     def _load(self) -> None:
         model = bm25s.BM25.load(self.index_dir, load_corpus=True, show_progress=False)
+        if model.corpus is None:  # bm25s loads an index without its corpus file silently
+            raise RuntimeError(f"BM25Retriever: the index at {self.index_dir} has no corpus (corpus.jsonl); "
+                               f"delete the directory to rebuild it from {self.corpus_path}")
         tokenizer = self._tokenizer_new()
         tokenizer.load_vocab(self.index_dir)
         self._model, self._tokenizer, self._docs = model, tokenizer, list(model.corpus)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -105,8 +108,9 @@ def test_index_is_saved_reused_and_rebuilt(corpus: Path) -> None:
     first.setup()
     assert first.built and (corpus.parent / "corpus.jsonl.bm25s" / META_FILE).is_file()
     expected = first.search_batch(["Rembrandt painting", "highest mountain"], k=3)
-    # nothing else beside the corpus: the temp dir was renamed into place
-    assert sorted(p.name for p in corpus.parent.iterdir()) == ["corpus.jsonl", "corpus.jsonl.bm25s"]
+    # nothing else beside the corpus but the lock file: the temp dir was renamed into place
+    assert sorted(p.name for p in corpus.parent.iterdir()) == [".corpus.jsonl.bm25s.lock", "corpus.jsonl",
+                                                               "corpus.jsonl.bm25s"]
 
     again = BM25Retriever(corpus)
     again.setup()
@@ -129,7 +133,41 @@ def test_index_is_saved_reused_and_rebuilt(corpus: Path) -> None:
     changed.setup()
     assert changed.built and changed.num_docs == 31
     assert changed.search_batch(["Zanzibar"], k=1)[0][0].id == "new"
-    assert sorted(p.name for p in corpus.parent.iterdir()) == ["corpus.jsonl", "corpus.jsonl.bm25s"]
+    assert sorted(p.name for p in corpus.parent.iterdir()) == [".corpus.jsonl.bm25s.lock", "corpus.jsonl",
+                                                               "corpus.jsonl.bm25s"]
+
+
+def _slow_setup(corpus: str, barrier) -> tuple[bool, int]:
+    """One process of the concurrency test: every build takes 1 s, so both would build without the lock."""
+    r = BM25Retriever(corpus)
+    build = r._build
+
+    def slow_build(fingerprint):
+        time.sleep(1.0)
+        build(fingerprint)
+
+    r._build = slow_build
+    barrier.wait()  # both processes call setup() at the same moment
+    r.setup()
+    return r.built, r.num_docs
+
+
+def test_concurrent_setups_build_once_and_both_load_the_whole_index(corpus: Path) -> None:
+    """Two processes (the two ranks of a DDP run) set up the same new index at once: one builds, the other
+    waits on the lock and loads the finished index (CI once saw rank 1 load a half-replaced one)."""
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Manager() as manager, ProcessPoolExecutor(2, mp_context=ctx) as pool:
+        barrier = manager.Barrier(2)
+        results = list(pool.map(_slow_setup, [str(corpus)] * 2, [barrier] * 2))
+    assert sorted(built for built, _ in results) == [False, True]
+    assert [n for _, n in results] == [30, 30]
+
+
+def test_index_without_its_corpus_is_a_clear_error(corpus: Path) -> None:
+    BM25Retriever(corpus).setup()
+    (corpus.parent / "corpus.jsonl.bm25s" / "corpus.jsonl").unlink()
+    with pytest.raises(RuntimeError, match=r"corpus\.jsonl\.bm25s has no corpus .*delete the directory"):
+        BM25Retriever(corpus).setup()
 
 
 def test_custom_index_dir_and_stemmer(corpus: Path, tmp_path: Path) -> None:
