@@ -10,6 +10,8 @@ eval points with igpo.learning.HeldoutEval; a finished job skips itself when lau
 A sweep directory holds checkpoints and is not committed; `--export SWEEP FILE` writes what the aggregation
 reads into one parquet file (igpo.learning.export_sweep) that is committed under docs/results/sweeps/, and
 `--sweep` / `--hard` accept that file, so the tables can be recomputed without re-running the sweep.
+A sweep can span machines or sessions: `--restore FILE SWEEP` writes the export's finished jobs back into a
+sweep directory, and the same sweep command, launched again there, runs only the jobs that are missing.
 
 Per family (sweep directory or export), arm, hop count and eval step: the held-out EM pooled over seeds and
 questions with a bootstrap 95 % CI over questions and seeds; at the final point the paired difference
@@ -42,6 +44,7 @@ from igpo.learning import (  # noqa: E402
     finished_and_paired,
     first_point,
     load_sweep,
+    restore_sweep,
     zero_std_fraction,
 )
 
@@ -201,7 +204,16 @@ def main(argv: list[str] | None = None) -> str:
                                        "synthetic testbed")
     ap.add_argument("--sweep-command", action="append",
                     help="the sweep command(s) shown at the top (default: the two testbed_compare sweeps)")
+    ap.add_argument("--restore", nargs=2, metavar=("FILE", "SWEEP"),
+                    help="write the finished jobs of an export FILE back into the sweep directory SWEEP "
+                         "(igpo.learning.restore_sweep) and stop: the sweep command launched again with "
+                         "hydra.sweep.dir=SWEEP then runs only the jobs the export lacks")
     args = ap.parse_args(argv)
+    if args.restore:
+        jobs = restore_sweep(*args.restore)
+        print(f"[learning] {args.restore[0]} -> {args.restore[1]}: restored {len(jobs)} finished jobs "
+              f"({', '.join(j.name for j in jobs) or 'none new'})", flush=True)
+        return ""
     for sweep, path in args.export or []:
         export_sweep(sweep, path)
         print(f"[learning] {sweep} -> {path}", flush=True)

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 EVAL_DIR = "heldout_eval"
 DONE = "DONE.json"
+RESTORED = "restored.json"  # a job written back from an export (restore_sweep)
 FORMAT = 1
 METRICS = ("em", "f1", "format_ok", "searches")
 ZERO_STD_TAG = "adv/zero_std_group_frac"
@@ -261,8 +262,8 @@ def finished_and_paired(df: pd.DataFrame, arms: tuple[str, ...] = ("igpo", "grpo
 
 
 def zero_std_fraction(sweep_dir: str | Path) -> pd.DataFrame:
-    """Per job: arm, seed and the mean over training steps of `adv/zero_std_group_frac` (TensorBoard);
-    a step logged twice (resume) counts once, with its last value."""
+    """Per job: arm, seed and the mean over training steps of `adv/zero_std_group_frac` (TensorBoard, or the
+    value a restored job carries); a step logged twice (resume) counts once, with its last value."""
     from igpo.analysis import load_scalars
 
     if Path(sweep_dir).is_file():
@@ -271,11 +272,14 @@ def zero_std_fraction(sweep_dir: str | Path) -> pd.DataFrame:
     rows = []
     for job in find_jobs(sweep_dir):
         first = json.loads(next((job / EVAL_DIR).glob("step_*.json")).read_text())
-        tb = job / "tb"
-        if not tb.is_dir():
+        tb, restored = job / "tb", job / EVAL_DIR / RESTORED
+        if tb.is_dir():
+            value = float(load_scalars(tb, [ZERO_STD_TAG]).groupby("step").value.last().mean())
+        elif restored.is_file() and json.loads(restored.read_text()).get("zero_std") is not None:
+            value = float(json.loads(restored.read_text())["zero_std"])
+        else:
             continue
-        df = load_scalars(tb, [ZERO_STD_TAG]).groupby("step").value.last()
-        rows.append({"arm": first["algorithm"], "seed": int(first["seed"]), "zero_std": float(df.mean())})
+        rows.append({"arm": first["algorithm"], "seed": int(first["seed"]), "zero_std": value})
     return pd.DataFrame(rows, columns=["arm", "seed", "zero_std"])
 
 
@@ -302,6 +306,55 @@ def export_sweep(sweep_dir: str | Path, path: str | Path) -> pd.DataFrame:
     with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
     return df
+
+
+def restore_sweep(path: str | Path, sweep_dir: str | Path) -> list[Path]:
+    """The finished jobs of an export (`export_sweep`) written back as job directories of `sweep_dir`
+    (`<arm>_seed<seed>`, the sweep's `hydra.sweep.subdir`): their eval points, `DONE.json` and the zero-std
+    fraction (`heldout_eval/restored.json`, read by `zero_std_fraction` when the job has no TensorBoard log).
+    Launched again with the same command (and max_steps), the sweep skips these jobs and runs only the rest,
+    on any machine; `load_sweep(sweep_dir)` then reads restored and new jobs alike. Unfinished jobs are not
+    restored (their checkpoints are not in the export: they run again from the start). A job directory that
+    already holds eval points is left alone if it finished at the same step, else it is an error. Returns the
+    job directories written."""
+    df = _read_export(path)
+    first = json.loads(df.attrs["first_point"])
+    written = []
+    for job, g in df[df.done].groupby("job", sort=True):
+        final = int(g.step.max())
+        target = Path(sweep_dir) / str(job)
+        if (target / EVAL_DIR).exists():
+            done_path = target / EVAL_DIR / DONE
+            if done_path.is_file() and int(json.loads(done_path.read_text()).get("final_step", -1)) == final:
+                log.info("restore_sweep: %s already holds the finished job, left alone", target)
+                continue
+            raise FileExistsError(f"restore_sweep: {target / EVAL_DIR} exists and is not the finished job of {path} "
+                                  f"(final step {final}); remove it or restore into another sweep directory")
+        (arm,), (seed,) = g.arm.unique(), g.seed.unique()
+        steps = sorted(int(s) for s in g.step.unique())
+        for step in steps:
+            rows = g[g.step == step]
+            questions = {str(r.question): {"hops": int(r.hops), "n": int(r.n), **{m: float(getattr(r, m))
+                                                                                  for m in METRICS}}
+                         for r in rows.itertuples()}
+            hops = {str(h): {"questions": len(q), "episodes": int(q.n.sum()),
+                             **{m: float(q[m].mean()) for m in METRICS}} for h, q in rows.groupby("hops")}
+            samples = int(rows.n.max())  # every question of a point gets `samples` episodes
+            protocol = first.get("protocol")
+            record = {"format": FORMAT, "step": step, "max_steps": final, "seed": int(seed), "algorithm": arm,
+                      "samples": samples, "temperature": first.get("temperature"),
+                      "selection_seed": first.get("selection_seed"), "hops": hops, "questions": questions,
+                      "protocol": None if protocol is None else {**protocol, "samples": samples},
+                      "restored_from": str(path)}
+            atomic_write(eval_path(target, step), json.dumps(record, sort_keys=True) + "\n")
+        zero_std = g.zero_std.dropna()
+        atomic_write(target / EVAL_DIR / RESTORED, json.dumps(
+            {"from": str(path), "zero_std": float(zero_std.iloc[0]) if len(zero_std) else None}, indent=1) + "\n")
+        atomic_write(target / EVAL_DIR / DONE, json.dumps(
+            {"max_steps": final, "final_step": final, "eval_steps": steps, "restored_from": str(path)}, indent=1)
+                     + "\n")
+        written.append(target)
+    return written
 
 
 def _read_export(path: str | Path) -> pd.DataFrame:

@@ -89,6 +89,29 @@ def test_a_finished_job_does_no_training(sweep, tmp_path):
     assert (sweep / JOBS[0] / EVAL_DIR / DONE).is_file()
 
 
+def test_a_sweep_restored_from_its_export_runs_no_job_again(sweep, tmp_path):
+    """A sweep moved to a new machine as its export: `--restore` writes the jobs back, and the same sweep
+    command launched there skips them (no training, no checkpoint) and aggregates to the same rows."""
+    from igpo.learning import export_sweep, load_sweep
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import learning as bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    export_sweep(sweep, tmp_path / "sweep.parquet")
+    moved = tmp_path / "moved"
+    assert bench.main(["--restore", str(tmp_path / "sweep.parquet"), str(moved)]) == ""
+    run = _multirun(moved, sweep.parent / "artifacts", "ckpt_path=null")
+    assert "finished" in run.stdout + run.stderr
+    for job in JOBS:
+        assert is_done(moved / job, 2)
+        assert not (moved / job / "checkpoints").exists() and not (moved / job / "tb").exists()
+    key = ["arm", "seed", "step", "question", "em", "n"]
+    a, b = (load_sweep(x).sort_values(key[:4]).reset_index(drop=True)[key] for x in (sweep, moved))
+    assert a.equals(b)
+
+
 def test_benchmark_script_on_the_sweep(sweep, tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:

@@ -295,3 +295,34 @@ def test_export_sweep_round_trip(tmp_path):
     a.drop(columns=["done"]).to_parquet(bad)
     with pytest.raises(ValueError, match=r"bad.parquet: not a sweep export .*'done'"):
         load_sweep(bad)
+
+
+def test_restore_sweep_writes_finished_jobs_back(tmp_path):
+    """An export written back into a new sweep directory: the finished jobs aggregate as before and count as
+    done (a relaunched sweep skips them); an unfinished job is not restored; restoring twice changes nothing,
+    and a different job in the way is an error."""
+    from igpo.learning import export_sweep, restore_sweep
+
+    sweep = make_sweep(tmp_path / "sweep")
+    write_point(sweep / "igpo_seed2", "igpo", 2, 0, {"2h-0": (2, 0.5)})  # started, not finished
+    path = tmp_path / "sweep.parquet"
+    export_sweep(sweep, path)
+    new = tmp_path / "elsewhere"
+    written = restore_sweep(path, new)
+    assert sorted(p.name for p in written) == ["grpo_seed0", "grpo_seed1", "igpo_seed0", "igpo_seed1"]
+    assert not (new / "igpo_seed2").exists()
+    assert is_done(new / "igpo_seed0", 20) and not is_done(new / "igpo_seed0", 30)
+    key, cols = ["arm", "seed", "step", "question"], ["hops", "em", "f1", "format_ok", "searches", "n", "done"]
+    a = load_sweep(sweep)
+    a = a[a.done].sort_values(key).reset_index(drop=True)
+    b = load_sweep(new).sort_values(key).reset_index(drop=True)
+    assert a[key + cols].equals(b[key + cols])
+    za, zb = (zero_std_fraction(x).sort_values(["arm", "seed"]).reset_index(drop=True) for x in (sweep, new))
+    assert za.equals(zb)
+    assert compare_arms(a, "igpo", "grpo", za, n_boot=300) == compare_arms(b, "igpo", "grpo", zb, n_boot=300)
+    point = json.loads(eval_path(new / "grpo_seed1", 20).read_text())
+    assert point["samples"] == 2 and point["restored_from"] == str(path) and point["hops"]["2"]["questions"] == 4
+    assert restore_sweep(path, new) == []  # already there
+    (new / "igpo_seed0" / EVAL_DIR / DONE).unlink()
+    with pytest.raises(FileExistsError, match=r"igpo_seed0/heldout_eval exists and is not the finished job"):
+        restore_sweep(path, new)
