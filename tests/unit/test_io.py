@@ -1,5 +1,7 @@
 """Atomic writes: the target (file or directory) is replaced whole or not at all, and no temporary is left."""
 
+import os
+
 import pytest
 
 from igpo.io import atomic_dir, atomic_path, atomic_write
@@ -14,6 +16,21 @@ def test_atomic_write_text_bytes_and_chunks(tmp_path):
     atomic_write(target, b"\x00\x01")
     assert target.read_bytes() == b"\x00\x01"
     assert [p.name for p in target.parent.iterdir()] == ["f.txt"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_files_get_the_mode_open_would_give(tmp_path, umask):
+    """Not mkstemp's 0o600: a committed export or an eval point is as readable as any file the user writes."""
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "f.txt", "x")
+        with atomic_path(tmp_path / "g.bin") as tmp:
+            tmp.write_bytes(b"y")
+    finally:
+        os.umask(old)
+    assert os.umask(old) == old  # the umask is left as it was
+    for name in ("f.txt", "g.bin"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_failed_write_keeps_the_old_file(tmp_path):
