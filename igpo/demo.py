@@ -13,11 +13,14 @@ em2_delta_ci_low=X em2_delta_ci_high=X ...` where the CI is a paired bootstrap o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
+import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -119,6 +122,23 @@ def quiet_libraries(log_file: Path) -> None:
         pass
 
 
+@contextlib.contextmanager
+def native_stderr_to(log_file: Path) -> Iterator[None]:
+    """Point file descriptor 2 at `log_file` for the block: C++ code writes there directly, past Python's
+    logging (torch's "NUMA binding" warning when vLLM's CPU worker starts), and a child process started in
+    the block keeps writing there. The console's stderr is back when the block ends, also on an error."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(log_file, "ab") as f:
+            os.dup2(f.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def run(cfg: DictConfig, out_dir: Path | None = None) -> str:
     t0 = time.perf_counter()
     out_dir = Path(out_dir or cfg.paths.output_dir)
@@ -135,7 +155,8 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> str:
     sft_steps = int(manifest.get("stats", {}).get("steps", 0))
     print(f"[demo]   model {cfg.assets.model} (SFT {sft_steps} steps) in {timing['assets_s']:.0f}s", flush=True)
 
-    dm.setup("fit")
+    with native_stderr_to(log_file):  # the engine starts here
+        dm.setup("fit")
     questions = heldout_by_hop(cfg.assets.heldout_questions, cfg.demo.heldout_per_hop, cfg.seed)
     questions = {h: qs for h, qs in questions.items() if h in (1, 2)}
     t1 = time.perf_counter()

@@ -23,7 +23,7 @@ def parse_summary(line: str) -> dict[str, float]:
     return {k: float(v) for k, v in (kv.split("=", 1) for kv in line.split()[1:])}
 
 
-def test_demo_small_budget(tmp_path, capsys):
+def test_demo_small_budget(tmp_path, capfd):
     small = [o for o in SMALL if not o.startswith(("prepare.sft=", "prepare.oracle="))]
     overrides = [f"paths.artifacts_dir={tmp_path / 'artifacts'}", f"paths.output_dir={tmp_path / 'out'}", *small,
                  "prepare.sft.max_steps=20", "prepare.sft.warmup_steps=2", "prepare.sft.batch_size=8",
@@ -31,7 +31,7 @@ def test_demo_small_budget(tmp_path, capsys):
                  "demo.heldout_per_hop=4", "demo.samples=2", "callbacks.checkpoint=null"]
     cfg = compose_config("demo", overrides, root=str(tmp_path))
     summary = run(cfg, tmp_path / "out")
-    out = capsys.readouterr().out
+    out, err = capfd.readouterr()  # file descriptors: what C++ code writes past Python is seen too
     lines = out.strip().splitlines()
     assert lines[-1] == summary
     values = parse_summary(summary)
@@ -46,6 +46,8 @@ def test_demo_small_budget(tmp_path, capsys):
     assert re.search(r"assets_s=\S+ eval_before_s=\S+ rl_s=\S+ eval_after_s=\S+ total_s=", timing)
     assert (tmp_path / "out" / "demo.log").stat().st_size > 0  # library logs went to the file
     assert "INFO" not in out and "WARNING" not in out  # ... not to the console
+    assert "NUMA binding" not in out + err  # torch's C++ warning as vLLM's CPU worker starts: in the log file
+    assert "NUMA binding" in (tmp_path / "out" / "demo.log").read_text()
     with pytest.raises(ValueError, match="not a demo_summary"):
         parse_summary("demo_timing x=1")
 
@@ -57,3 +59,23 @@ def test_sampled_hops_must_include_two_and_evaluated_hops() -> None:
     for bad in ([1], [2, 3], []):
         with pytest.raises(ValueError, match=r"demo\.sampled_hops=.*include 2"):
             sampled_hops_of(bad)
+
+
+def test_native_stderr_goes_to_the_log_file_and_comes_back(tmp_path, capfd) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from igpo.demo import native_stderr_to
+
+    log = tmp_path / "demo.log"
+    log.write_text("before\n")
+    with native_stderr_to(log):
+        os.write(2, b"from C++\n")
+        subprocess.run([sys.executable, "-c", "import sys; print('from a child', file=sys.stderr)"], check=True)
+    os.write(2, b"console again\n")
+    with pytest.raises(RuntimeError, match="boom"), native_stderr_to(log):
+        raise RuntimeError("boom")
+    os.write(2, b"console after an error\n")
+    assert log.read_text() == "before\nfrom C++\nfrom a child\n"  # appended, the file's lines kept
+    assert capfd.readouterr().err == "console again\nconsole after an error\n"
