@@ -14,7 +14,9 @@ The aggregation reads every job of a sweep directory (`load_sweep`) into a long 
 [S, Q] arrays (`igpo.stats.align`) for bootstrap CIs over questions and seeds (`curves`), and
 `compare_arms` gives the final-point paired difference A − B on multi-hop questions, `steps_ratio` and
 `collapse_ratio` (definitions in their docstrings). `format_summary` / `parse_summary` write and read the
-one-line `learning_summary ...` record that ends docs/results/learning_compare.md.
+one-line `learning_summary ...` record that ends docs/results/learning_compare.md. `export_sweep` packs what
+the aggregation reads into one parquet file (committed; `load_sweep` reads it like the directory), and
+`restore_sweep` writes its finished jobs back into a sweep directory, so a sweep can span machines or sessions.
 """
 
 from __future__ import annotations
