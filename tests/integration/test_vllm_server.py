@@ -62,7 +62,10 @@ class Server:
                "--logprobs-mode", "processed_logprobs", "--seed", "0"]
         start = time.perf_counter()
         with open(log, "wb") as f:
-            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=log.parent, env=env)
+            # its own process group: the API server starts the engine core as a child process, which outlives a
+            # killed parent (it kept spinning on 2 cores after the suite ended); kill()/stop() end the whole group
+            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=log.parent, env=env,
+                                         start_new_session=True)
         try:
             self._wait(START_TIMEOUT_S)
         except BaseException:
@@ -91,18 +94,26 @@ class Server:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:  # the whole group is gone already
+            pass
+
     def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
+        """The server machine dies: every process of the server, the engine core included."""
+        self._signal_group(signal.SIGKILL)
         self.proc.wait(30)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.terminate()
+            self._signal_group(signal.SIGTERM)
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
+                pass
+        self._signal_group(signal.SIGKILL)  # what is left of the group (an engine core that outlived the server)
+        self.proc.wait(30)
 
 
 @pytest.fixture(scope="module")
@@ -329,10 +340,11 @@ def test_two_training_steps_against_the_server(server: Server, sharp_dir: Path, 
 
 class _KillAfterFirstStep(L.Callback):
     def __init__(self, srv: Server) -> None:
-        self.srv, self.killed_at = srv, None
+        self.srv, self.killed_at, self.children = srv, None, set()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.killed_at is None:
+            self.children = _descendants(self.srv.proc.pid)  # the engine core (and its workers)
             self.srv.kill()
             self.killed_at = time.perf_counter()
 
@@ -358,3 +370,35 @@ def test_a_server_killed_mid_run_gives_a_clear_error(server: Server, sharp_dir: 
     assert info.value.__suppress_context__ and info.value.__cause__ is None
     assert trainer.global_step == 1 and elapsed < RETRY_BOUND_S, elapsed
     print(f"\nkilled server -> ServerError after {elapsed:.1f} s: {message}")
+    assert killer.children, "the vLLM server had no child process (its engine core) to check"
+    for _ in range(30):
+        if not _running(killer.children):
+            break
+        time.sleep(1)
+    assert not _running(killer.children), "the killed vLLM server's engine core is still running"
+
+
+def _processes() -> dict[int, tuple[str, int]]:
+    """pid -> (state, parent pid) of every process (/proc, Linux)."""
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the name: state, ppid, ...
+        except OSError:
+            continue
+        out[int(stat.parent.name)] = (fields[0], int(fields[1]))
+    return out
+
+
+def _descendants(pid: int) -> set[int]:
+    procs, found, frontier = _processes(), set(), {pid}
+    while frontier:
+        frontier = {p for p, (_, ppid) in procs.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+def _running(pids: set[int]) -> set[int]:
+    """The processes of `pids` still running (a zombie, dead but not reaped, does not count)."""
+    procs = _processes()
+    return {p for p in pids if p in procs and procs[p][0] != "Z"}
