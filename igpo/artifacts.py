@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 ARTIFACT_VERSION = 2  # bump when the code that builds an artifact changes its output
 
 
+# SFT settings that do not change the model: a wall-clock safety limit (raising it after a slow machine
+# tripped it must not rebuild a finished warm start)
+SFT_NOT_IN_KEY = ("max_minutes",)
+
+
 def content_key(*parts: Any) -> str:
     blob = json.dumps([ARTIFACT_VERSION, *parts], sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -109,7 +114,8 @@ def artifact_keys(
         tiny, base = None, ["base", base_model, world_name]
     sft_key = None
     if sft:
-        sft_key = content_key("sft", base, dict(sft), dict(oracle or {}), proto, seed, torch.__version__)
+        determining = {k: v for k, v in dict(sft).items() if k not in SFT_NOT_IN_KEY}
+        sft_key = content_key("sft", base, determining, dict(oracle or {}), proto, seed, torch.__version__)
     return {"tiny": tiny, "sft": sft_key}
 
 

@@ -61,11 +61,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if is_done(cfg.paths.output_dir, OmegaConf.select(cfg, "trainer.max_steps")):
         log.warning("%s: finished (heldout_eval/DONE.json), skipped", cfg.paths.output_dir)
         return {}
-    datamodule, policy, trainer = build(cfg)
-    log.info("assets: %s", OmegaConf.to_container(cfg.assets, resolve=True))
-    trainer.fit(policy, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    if datamodule.val_set and trainer.global_step % datamodule.steps_per_epoch:
-        trainer.validate(policy, datamodule=datamodule)  # the last steps were not validated yet
+    try:
+        datamodule, policy, trainer = build(cfg)
+        log.info("assets: %s", OmegaConf.to_container(cfg.assets, resolve=True))
+        trainer.fit(policy, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        if datamodule.val_set and trainer.global_step % datamodule.steps_per_epoch:
+            trainer.validate(policy, datamodule=datamodule)  # the last steps were not validated yet
+    except Exception:
+        # Hydra's multirun goes on with the next job and raises a job's error only after the last job: say it now
+        log.exception("job %s failed", cfg.paths.output_dir)
+        raise
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 

@@ -140,6 +140,8 @@ def test_cache_key_changes_with_every_input():
         if name not in ("sft", "oracle"):
             assert keys["tiny"] != ref["tiny"], name
     assert artifact_keys(**(base | {"sft": None}))["sft"] is None
+    # the wall-clock safety limit does not change the model: not in the key
+    assert artifact_keys(**(base | {"sft": base["sft"] | {"max_minutes": 240}})) == ref
     # a given base model replaces the tiny one: no tiny key; the SFT key covers the base model and the
     # world, and not the tiny model's settings (which are unused then)
     based = artifact_keys(**base, base_model="smollm2-135m-instruct-0dd472bfd8412ee6:abc")

@@ -151,6 +151,19 @@ def test_two_job_multirun(tmp_path, artifacts):
         assert list((tmp_path / "sweep" / job).rglob("events.out.tfevents.*")), f"job {job} wrote no events"
 
 
+def test_a_failing_job_says_so_when_it_fails(tmp_path, artifacts, caplog):
+    """Hydra's multirun raises a job's error only after its last job; train() logs it (with the traceback and the
+    job's directory) the moment it happens, then raises it."""
+    from igpo.run import train
+
+    cfg = _cfg(tmp_path, artifacts, f"data.train_questions={tmp_path / 'missing.parquet'}")
+    with caplog.at_level("ERROR", logger="igpo.run"), pytest.raises(Exception, match="missing.parquet"):
+        train(cfg)
+    (record,) = [r for r in caplog.records if r.name == "igpo.run" and r.levelname == "ERROR"]
+    assert record.getMessage() == f"job {tmp_path / 'out'} failed" and record.exc_info is not None
+    assert "missing.parquet" in str(record.exc_info[1])
+
+
 def test_train_validates_the_last_steps(tmp_path, artifacts):
     from igpo.run import train
 
