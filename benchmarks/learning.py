@@ -77,7 +77,8 @@ def family_report(name: str, sweep: Path, a: str, b: str, n_boot: int, target: f
         if df.empty:
             return None  # no seed has a finished job of both arms yet
         for job in left_out:
-            print(f"[learning] {name}: left out {job} (unfinished, or its seed lacks a finished {a}/{b} job)")
+            print(f"[learning] {name}: left out {job} (unfinished, its seed lacks a finished {a}/{b} job, or the "
+                  f"arms' step-0 points differ)")
     zero_std = zero_std_fraction(sweep)
     zero_std = zero_std.merge(df[["arm", "seed"]].drop_duplicates(), on=["arm", "seed"])
     cmp = compare_arms(df, a, b, zero_std, n_boot=n_boot)
@@ -117,7 +118,8 @@ def tables(rep: dict) -> list[str]:
         out.append(f"- {arm}: seeds {sorted(g.seed)}, final eval step {sorted(set(g.final))}, "
                    f"{'all finished' if g.done.all() else 'NOT all finished'}")
     for job in rep.get("left_out", []):
-        out.append(f"- left out (unfinished, or its seed lacks a finished job of both arms): `{Path(job).name}`")
+        out.append(f"- left out (unfinished, its seed lacks a finished job of both arms, or their step-0 points "
+                   f"differ): `{Path(job).name}`")
     out += ["", *protocol_lines(rep["sweep"]), ""]
     for hop in [h for h in c.hop.unique() if h != "multi"] + ["multi"]:
         part = c[c.hop == hop]

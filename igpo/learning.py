@@ -253,11 +253,23 @@ def load_sweep(sweep_dir: str | Path) -> pd.DataFrame:
 def finished_and_paired(df: pd.DataFrame, arms: tuple[str, ...] = ("igpo", "grpo")) -> tuple[pd.DataFrame, list[str]]:
     """The rows of a `load_sweep` frame that a comparison of a stopped or running sweep may use: jobs that
     finished (`DONE.json`), of the seeds that every arm in `arms` finished, so the arms stay paired on seeds.
-    Also returns the jobs left out (unfinished, or their seed unpaired)."""
+    The arms of a seed start from the same warm start with the same sampling seeds, so their step-0 points are
+    equal question by question; a seed whose step-0 points differ (jobs run in different sessions whose warm
+    starts came out different, e.g. another CPU or library build) is not paired, and is left out with a warning.
+    Also returns the jobs left out (unfinished, their seed unpaired, or its step 0 differing)."""
     done = df[df.done]
     seeds = set(done.seed)
     for arm in arms:
         seeds &= set(done[done.arm == arm].seed)
+    for seed in sorted(seeds):
+        start = done[(done.seed == seed) & (done.step == 0) & done.arm.isin(arms)]
+        points = [g.set_index("question")[list(METRICS) + ["n"]].sort_index() for _, g in start.groupby("arm")]
+        differ = [p for p in points[1:] if not p.equals(points[0])]
+        if len(points) == len(arms) and differ:
+            log.warning("seed %d left out: the step-0 points of %s differ, so the arms did not start from the same "
+                        "warm start (or sampling); a paired comparison needs both from one build", seed,
+                        "/".join(arms))
+            seeds.discard(seed)
     kept = done[done.seed.isin(seeds)]
     dropped = sorted(set(df.job) - set(kept.job))
     return kept, dropped

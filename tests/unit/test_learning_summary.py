@@ -326,3 +326,18 @@ def test_restore_sweep_writes_finished_jobs_back(tmp_path):
     (new / "igpo_seed0" / EVAL_DIR / DONE).unlink()
     with pytest.raises(FileExistsError, match=r"igpo_seed0/heldout_eval exists and is not the finished job"):
         restore_sweep(path, new)
+
+
+def test_a_seed_whose_arms_start_apart_is_not_paired(tmp_path, caplog):
+    """Both arms of a seed start from one warm start with the same sampling seeds: equal step-0 points. Jobs of one
+    seed run in two sessions whose warm starts came out different are not a pair: that seed is left out."""
+    sweep = make_sweep(tmp_path / "sweep")
+    kept, dropped = finished_and_paired(load_sweep(sweep))
+    assert set(kept.seed) == {0, 1} and dropped == []
+    point = json.loads(eval_path(sweep / "grpo_seed1", 0).read_text())
+    point["questions"]["2h-0"]["em"] += 0.25  # another warm start scores one question differently at step 0
+    eval_path(sweep / "grpo_seed1", 0).write_text(json.dumps(point))
+    with caplog.at_level("WARNING", logger="igpo.learning"):
+        kept, dropped = finished_and_paired(load_sweep(sweep))
+    assert set(kept.seed) == {0} and sorted(Path(j).name for j in dropped) == ["grpo_seed1", "igpo_seed1"]
+    assert any("seed 1 left out: the step-0 points of igpo/grpo differ" in r.getMessage() for r in caplog.records)
