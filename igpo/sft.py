@@ -26,13 +26,14 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from igpo.algorithm.logprobs import decoder_hidden, head_logprobs
-from igpo.io import atomic_dir
+from igpo.io import atomic_dir, sha256_file
 from igpo.models.causal_lm import LoraSettings, load_causal_lm
 from igpo.types import Episode
 
@@ -68,6 +69,27 @@ class SFTConfig:
             raise ValueError(f"sft.warmup_steps={self.warmup_steps} must be in [0, max_steps={self.max_steps})")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"sft.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+
+
+def _build_facts(model_dir: Path) -> dict[str, Any]:
+    """What a warm start's bytes depend on beyond its config, and the bytes' hash: two builds of one cache key
+    that score differently (seen across machines) can then be told apart and explained."""
+    import platform
+
+    import transformers
+
+    cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor())
+    return {"weights_sha256": {p.name: sha256_file(p) for p in sorted(Path(model_dir).glob("*.safetensors"))},
+            "cpu": cpu, "machine": platform.machine(), "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []
 
 
 def lr_factor(step: int, cfg: SFTConfig) -> float:
@@ -264,6 +286,6 @@ def run_sft(
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        info = {"sft": asdict(cfg), "stats": stats, **(manifest or {})}
+        info = {"sft": asdict(cfg), "stats": stats, "build": _build_facts(tmp), **(manifest or {})}
         (tmp / "sft_manifest.json").write_text(json.dumps(info, indent=1, default=str))
     return Path(out_dir), stats
