@@ -76,13 +76,12 @@ def _build_facts(model_dir: Path) -> dict[str, Any]:
     that score differently (seen across machines) can then be told apart and explained."""
     import platform
 
-    import transformers
+    from igpo.protocol import versions
 
     cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
                 if line.startswith("model name")), platform.processor())
     return {"weights_sha256": {p.name: sha256_file(p) for p in sorted(Path(model_dir).glob("*.safetensors"))},
-            "cpu": cpu, "machine": platform.machine(), "torch": torch.__version__,
-            "transformers": transformers.__version__}
+            "cpu": cpu, "machine": platform.machine(), "versions": versions()}
 
 
 def _read_lines(path: str) -> list[str]:
