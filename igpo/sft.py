@@ -1,8 +1,10 @@
 """SFT warm start as a Lightning stage: masked NLL of the policy's own tokens on scripted trajectories.
 
 The budget is a number of optimizer steps (`SFTConfig.max_steps`), never wall-clock time: for a given
-config and torch build the same model comes out on any machine and under any load (tested with a busy
-CPU beside it). The learning rate warms up, then follows a cosine to `min_lr_ratio` over those steps.
+config, torch build and kernel level the same model comes out on any machine and under any load (tested with a
+busy CPU beside it). Another CPU instruction set (AVX2 vs AVX-512) rounds differently and gives other bytes, so
+the cache key holds the kernel level (igpo.artifacts.numerics) and the manifest records it. The learning rate
+warms up, then follows a cosine to `min_lr_ratio` over those steps.
 `max_minutes` is only a safety limit: a run that reaches it fails loudly instead of exporting a model
 trained for fewer steps than asked. It is wall-clock time (a paused or shared machine counts), so its
 default sits far above any measured build: the hard testbed world's warm start took ~42 min on an idle
@@ -71,17 +73,19 @@ class SFTConfig:
             raise ValueError(f"sft.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
 
 
-def _build_facts(model_dir: Path) -> dict[str, Any]:
+def _build_facts(model_dir: Path, cfg: SFTConfig) -> dict[str, Any]:
     """What a warm start's bytes depend on beyond its config, and the bytes' hash: two builds of one cache key
     that score differently (seen across machines) can then be told apart and explained."""
     import platform
 
+    from igpo.artifacts import numerics
     from igpo.protocol import versions
 
     cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
                 if line.startswith("model name")), platform.processor())
     return {"weights_sha256": {p.name: sha256_file(p) for p in sorted(Path(model_dir).glob("*.safetensors"))},
-            "cpu": cpu, "machine": platform.machine(), "versions": versions()}
+            "cpu": cpu, "machine": platform.machine(), "numerics": numerics(cfg.accelerator, cfg.bf16),
+            "versions": versions()}
 
 
 def _read_lines(path: str) -> list[str]:
@@ -285,6 +289,6 @@ def run_sft(
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        info = {"sft": asdict(cfg), "stats": stats, "build": _build_facts(tmp), **(manifest or {})}
+        info = {"sft": asdict(cfg), "stats": stats, "build": _build_facts(tmp, cfg), **(manifest or {})}
         (tmp / "sft_manifest.json").write_text(json.dumps(info, indent=1, default=str))
     return Path(out_dir), stats

@@ -3,6 +3,7 @@ a layout change only; the cache key covers every input; the time limit fails lou
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +152,42 @@ def test_cache_key_changes_with_every_input():
         assert (keys["sft"] != based["sft"]) == (name not in ("tokenizer", "model", "tokenizer_texts")), name
     other = artifact_keys(**base, base_model="smollm2-135m-instruct-1111111111111111:abc")
     assert other["sft"] != based["sft"]
+
+
+def test_cache_key_covers_the_kernels(monkeypatch):
+    """Bytes are reproducible for one torch build on one kernel level (igpo.artifacts.numerics): another CPU
+    instruction set, a GPU, or (fp32 only) another thread count is another key."""
+    base = dict(world_name="world-x", tokenizer={}, model={}, seed=0, tokenizer_texts=3000,
+                protocol=AgentProtocol(), sft={"max_steps": 10, "accelerator": "cpu"}, oracle={})
+    ref = artifact_keys(**base)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "SOMETHING_ELSE")
+    other = artifact_keys(**base)
+    assert other["tiny"] != ref["tiny"] and other["sft"] != ref["sft"]
+    monkeypatch.undo()
+    threads = torch.get_num_threads()
+    try:
+        fp32 = artifact_keys(**(base | {"sft": base["sft"] | {"bf16": False}}))
+        assert fp32["sft"] != ref["sft"] and fp32["tiny"] == ref["tiny"]
+        torch.set_num_threads(threads + 1)
+        assert artifact_keys(**(base | {"sft": base["sft"] | {"bf16": False}}))["sft"] != fp32["sft"]
+        assert artifact_keys(**base) == ref  # bf16 bytes were the same for 1 to 16 threads: not in the key
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Some GPU")
+    gpu = artifact_keys(**(base | {"sft": base["sft"] | {"accelerator": "auto"}}))
+    assert gpu["tiny"] == ref["tiny"] and gpu["sft"] != ref["sft"]  # the tiny model is built on the CPU
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="needs an AVX-512 CPU")
+def test_cache_key_follows_the_kernel_level_torch_runs(tmp_path):
+    """ATEN_CPU_CAPABILITY=avx2 makes torch run its AVX2 kernels (other SFT bytes, measured): another key."""
+    code = ("from igpo.artifacts import artifact_keys\nfrom igpo.prompts import AgentProtocol\n"
+            "print(artifact_keys('w', {}, {}, 0, 10, AgentProtocol(), {'accelerator': 'cpu'}, {})['sft'])")
+    keys = {}
+    for level in ("avx512", "avx2"):
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": level, "PYTHONPATH": str(Path(__file__).parents[2])}
+        keys[level] = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                     check=True).stdout.strip()
+    assert keys["avx512"] == artifact_keys("w", {}, {}, 0, 10, AgentProtocol(), {"accelerator": "cpu"}, {})["sft"]
+    assert keys["avx2"] != keys["avx512"]
