@@ -164,6 +164,13 @@ def test_cache_key_covers_the_kernels(monkeypatch):
     other = artifact_keys(**base)
     assert other["tiny"] != ref["tiny"] and other["sft"] != ref["sft"]
     monkeypatch.undo()
+    # one kernel level, with and without native bf16 (two AVX512 machines built other bytes, measured)
+    has_bf16 = torch.cpu._is_avx512_bf16_supported()
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: not has_bf16)
+    assert artifact_keys(**base)["sft"] != ref["sft"]
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert artifact_keys(**base)["sft"] not in (ref["sft"], other["sft"])
+    monkeypatch.undo()
     threads = torch.get_num_threads()
     try:
         fp32 = artifact_keys(**(base | {"sft": base["sft"] | {"bf16": False}}))

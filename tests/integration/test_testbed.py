@@ -32,8 +32,9 @@ def test_short_sft_then_two_rl_steps(tmp_path):
     facts = manifest["build"]  # the bytes' hash and what they depend on beyond the config
     assert facts["weights_sha256"] == {"model.safetensors": sha256_file(model_dir / "model.safetensors")}
     assert facts["cpu"] and facts["versions"]["torch"] == torch.__version__ and facts["versions"]["transformers"]
-    assert facts["numerics"] == {"torch": torch.__version__, "device": "cpu",
-                                 "kernels": torch.backends.cpu.get_cpu_capability()}
+    assert facts["numerics"]["device"] == "cpu" and facts["numerics"]["torch"] == torch.__version__
+    assert facts["numerics"]["kernels"] == torch.backends.cpu.get_cpu_capability()
+    assert ("avx512_bf16" in facts["numerics"]["cpu_features"]) == torch.cpu._is_avx512_bf16_supported()
     assert manifest["trajectories"] > 100
     assert manifest["stats"]["steps"] == 30 and manifest["sft"]["max_steps"] == 30
     assert manifest["stats"]["loss_last20"] < manifest["stats"]["loss_first20"]  # SFT learns
