@@ -39,9 +39,19 @@ def test_native_bf16_of_a_named_device(monkeypatch):
 def test_cpu_configs_pick_bf16_only_on_native_hardware(monkeypatch, native):
     _cpu(monkeypatch, bf16=native)
     for name in ("train", "demo"):
-        cfg = compose_config(name, ["experiment=testbed_compare_hard"] if name == "train" else [])
+        cfg = compose_config(name)
         assert cfg.generator.dtype == ("bfloat16" if native else "float32"), name
         assert {cfg.model.precision[p] for p in ("probe", "reference", "update")} == {"bf16" if native else "fp32"}
         assert cfg.prepare.sft.bf16 is native
         resolved = OmegaConf.to_container(cfg.model.precision, resolve=True)
         assert "${" not in str(resolved)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_comparison_benchmarks_run_bf16_on_any_machine(monkeypatch, native):
+    """A benchmark's config must not change with the machine (its sweeps span machines): pinned to bf16."""
+    _cpu(monkeypatch, bf16=native)
+    for experiment in ("testbed_compare", "testbed_compare_hard"):
+        cfg = compose_config("train", [f"experiment={experiment}"])
+        assert cfg.generator.dtype == "bfloat16" and cfg.prepare.sft.bf16 is True
+        assert {cfg.model.precision[p] for p in ("probe", "reference", "update")} == {"bf16"}
