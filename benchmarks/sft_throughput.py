@@ -34,7 +34,8 @@ PREDICTION = """prediction (written before measuring):
   masked vs before  ~1.2x: the log-softmax over 2k logits for every token is a visible share of a 4.4M model's step
   packed vs masked  ~0.9-1.0x: bucketed padding wastes ~1 %, and on CPU sdpa computes the whole masked row
                      (a 1024-token row costs more attention than 4 separate 256-token rows)
-  fp32 vs masked    ~0.3x: bf16 matmuls (AVX-512 bf16) are several times faster than fp32 on this CPU
+  fp32 vs masked    ~0.3x: bf16 matmuls (AVX-512 bf16) are several times faster than fp32 on this CPU;
+                     ~1.5x on a CPU without bf16 instructions (a 512x512 matmul: fp32 1.6x faster, 2026-12-03)
   masked vs padmask ~1.5x: a 5-step fwd+bwd probe under load ran 2.2-2.7 s causal-only vs 4.4 s with the mask
   eager vs masked   ~1.25x: an idle profile puts the CPU flash-attention backward of sdpa at 24 % of the step; a
                      probe of fwd+bwd only measured eager at 1.25x (third run, 2026-12-02)"""
