@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--note", help="a markdown file (the reading of the results) put before the method section")
     ap.add_argument("--export", nargs=2, action="append", metavar=("SWEEP", "FILE"),
                     help="first write SWEEP's eval data into FILE (parquet, igpo.learning.export_sweep), to "
-                         "commit; --sweep / --hard accept such a file in place of a directory")
+                         "commit; --sweep / --hard accept such a file in place of a directory. Without an "
+                         "existing --sweep it only exports")
     ap.add_argument("--title", default="IGPO vs GRPO with statistical power: held-out learning curves on the "
                                        "synthetic testbed")
     ap.add_argument("--sweep-command", action="append",
@@ -219,6 +220,9 @@ def main(argv: list[str] | None = None) -> str:
     for sweep, path in args.export or []:
         export_sweep(sweep, path)
         print(f"[learning] {sweep} -> {path}", flush=True)
+    if args.export and not Path(args.sweep).exists():
+        print(f"[learning] nothing to aggregate ({args.sweep} does not exist): exported only", flush=True)
+        return ""
     first = family_report("testbed_compare", Path(args.sweep), args.a, args.b, args.n_boot, args.target,
                           args.unfinished)
     if first is None:

@@ -270,6 +270,11 @@ def test_benchmark_reports_other_arms_against_both_references(tmp_path):
     assert again == line
     tables = [r for r in (tmp_path / "res2" / "levers.md").read_text().splitlines() if r.startswith("| ")]
     assert tables == [r for r in md if r.startswith("| ")]
+    # --export with no sweep to aggregate (a hard-family sweep alone on this machine) only exports
+    only = tmp_path / "only.parquet"
+    assert bench.main(["--export", str(sweep), str(only), "--sweep", str(tmp_path / "no_sweep"),
+                       "--out", str(tmp_path / "res3")]) == ""
+    assert len(load_sweep(only)) == len(load_sweep(sweep)) and not (tmp_path / "res3").exists()
 
 
 def test_export_sweep_round_trip(tmp_path):
