@@ -49,14 +49,15 @@ def numerics(accelerator: str = "cpu", bf16: bool = True) -> dict[str, Any]:
 
     import torch
 
+    from igpo.precision import cpu_features
+
     device = accelerator
     if accelerator == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if device in ("cuda", "gpu"):
         return {"torch": torch.__version__, "device": "cuda", "kernels": torch.cuda.get_device_name(0)}
     out = {"torch": torch.__version__, "device": device, "kernels": torch.backends.cpu.get_cpu_capability(),
-           "cpu_features": [name for name in ("avx512_bf16", "amx_tile", "amx_fp16", "vnni")
-                            if getattr(torch.cpu, f"_is_{name}_supported", lambda: False)()]}
+           "cpu_features": cpu_features()}
     if os.environ.get("ONEDNN_MAX_CPU_ISA"):
         out["onednn_max_cpu_isa"] = os.environ["ONEDNN_MAX_CPU_ISA"]
     if device == "cpu" and not bf16:

@@ -22,6 +22,14 @@ from omegaconf import OmegaConf
 RESOLVER = "igpo.if_native_bf16"
 
 
+def cpu_features() -> list[str]:
+    """The CPU's matmul extensions torch checks for (bf16, AMX tiles and fp16, VNNI), as named by torch.cpu."""
+    import torch
+
+    return [name for name in ("avx512_bf16", "amx_tile", "amx_fp16", "vnni")
+            if getattr(torch.cpu, f"_is_{name}_supported", lambda: False)()]
+
+
 def native_bf16(device: str | None = None) -> bool:
     """Whether bf16 matmuls run natively on `device` ("cpu" or "cuda"; None: CUDA when available, as Lightning's
     "auto" accelerator picks it, else the CPU). On the CPU: AVX-512 bf16 or AMX tiles (torch.cpu's checks)."""
@@ -33,7 +41,7 @@ def native_bf16(device: str | None = None) -> bool:
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     if device != "cpu":
         raise ValueError(f"native_bf16: device must be 'cpu' or 'cuda', got {device!r}")
-    return any(getattr(torch.cpu, f"_is_{name}_supported", lambda: False)() for name in ("avx512_bf16", "amx_tile"))
+    return bool({"avx512_bf16", "amx_tile"} & set(cpu_features()))
 
 
 def if_native_bf16(when_native: Any, otherwise: Any) -> Any:
