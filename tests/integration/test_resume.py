@@ -85,23 +85,30 @@ def full_runs(tmp_path_factory, artifacts):
 SEVERAL_UPDATES = ("model.ppo_epochs=2", "model.mini_batch_size=3")  # 2 questions × 3 episodes: 2 mini-batches
 
 
-# 3: the kill lands at the epoch boundary (right after step 3's checkpoint, during validation); 5: mid-epoch,
-# with 4 updates per step
-@pytest.mark.parametrize(("kill_after", "extra"), [(3, ()), (5, SEVERAL_UPDATES)], ids=["epoch_end", "mid_epoch_ppo2"])
-def test_sigkill_and_resume_continues_exactly(tmp_path, artifacts, full_runs, kill_after, extra):
+# 3: the kill lands at the epoch boundary (after step 3's checkpoint, during validation); 5: mid-epoch, after step
+# 5's checkpoint, before step 6, with 4 updates per step. The run parks itself there (tests/integration/halt.py) and
+# is killed while parked, so the kill does not depend on how fast the machine is.
+@pytest.mark.parametrize(("kill_after", "at", "extra"),
+                         [(3, "validation_start", ()), (5, "train_batch_start", SEVERAL_UPDATES)],
+                         ids=["epoch_end", "mid_epoch_ppo2"])
+def test_sigkill_and_resume_continues_exactly(tmp_path, artifacts, full_runs, kill_after, at, extra):
     full = full_runs(extra)
     killed, resumed = tmp_path / "killed", tmp_path / "resumed"
     for d in (killed, resumed):
         d.mkdir()
-    proc = _start(killed, artifacts, *extra)
+    marker = tmp_path / "halted"
+    proc = _start(killed, artifacts, *extra, "+callbacks.halt._target_=tests.integration.halt.HaltAt",
+                  f"+callbacks.halt.step={kill_after}", f"+callbacks.halt.at={at}", f"+callbacks.halt.marker={marker}")
     last = killed / "checkpoints" / "last.ckpt"
     deadline = time.time() + 900
-    while proc.poll() is None and _ckpt_step(last) < kill_after and time.time() < deadline:
+    while proc.poll() is None and not marker.exists() and time.time() < deadline:
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert marker.exists(), f"the run did not reach step {kill_after} ({at}):\n" + \
+        (killed.parent / "killed.log").read_text()[-3000:]
     step = _ckpt_step(last)
-    assert kill_after <= step < STEPS, f"killed at checkpoint step {step}"
+    assert step == kill_after, f"killed at checkpoint step {step}, expected {kill_after}"
     shutil.copy(last, resumed / "last.ckpt")
     _wait(_start(resumed, artifacts, *extra, f"ckpt_path={resumed / 'last.ckpt'}"), resumed)
 
