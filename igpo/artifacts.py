@@ -148,6 +148,8 @@ def artifact_keys(
     sft_key = None
     if sft:
         determining = {k: v for k, v in dict(sft).items() if k not in SFT_NOT_IN_KEY}
+        if not determining.get("compile", True):  # compile=false is the default: the keys built without the field
+            del determining["compile"]
         kernels = numerics(sft.get("accelerator", SFTConfig.accelerator), bf16=sft.get("bf16", SFTConfig.bf16))
         sft_key = content_key("sft", base, determining, dict(oracle or {}), proto, seed, kernels)
     return {"tiny": tiny, "sft": sft_key}

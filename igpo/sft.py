@@ -61,6 +61,7 @@ class SFTConfig:
     accelerator: str = "auto"
     chunk_size: int | None = None  # rows of the output head per chunk (None: ~128 MiB of logits per block)
     attn_implementation: str | None = None  # transformers attention kernel (None: its default, sdpa)
+    compile: bool = False  # torch.compile each decoder layer (inductor, dynamic shapes): other kernels, other bytes
     extra: dict = field(default_factory=dict)  # ignored by training; part of the cache key
 
     def __post_init__(self) -> None:
@@ -118,6 +119,8 @@ class SFTModule(L.LightningModule):
         if self.model is None:
             self.model = load_causal_lm(self.model_path, lora=self.cfg.lora,
                                         attn_implementation=self.cfg.attn_implementation)
+            if self.cfg.compile:
+                compile_layers(self.model)
 
     def configure_optimizers(self):
         c = self.cfg
@@ -137,6 +140,19 @@ class SFTModule(L.LightningModule):
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def compile_layers(model: torch.nn.Module) -> None:
+    """torch.compile every decoder layer in place (`nn.Module.compile`: parameter names and the saved model are
+    unchanged), with dynamic shapes so that batches of another width reuse the graph. The layers only: the
+    decoder's mask and position set-up and the masked output head stay eager. Measured on the demo's SFT step
+    (fp32, 2-core CPU without bf16, 2026-12-03): 1.13x real tokens/s, ~7 s of compilation; inductor needs a C++
+    compiler on the CPU (g++/clang) and Triton on a GPU."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
+        raise ValueError(f"sft.compile=true: {type(model.get_decoder()).__name__} has no `layers` to compile")
+    for layer in layers:
+        layer.compile(dynamic=True)
 
 
 def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, bf16: bool = True,

@@ -14,7 +14,18 @@ import torch
 from igpo.artifacts import artifact_keys
 from igpo.models.causal_lm import load_causal_lm
 from igpo.prompts import AgentProtocol, encode
-from igpo.sft import SFTConfig, SFTModule, _pack, _pad, lr_factor, right_padded, run_sft, sft_loss
+from igpo.sft import (
+    SFTConfig,
+    SFTModule,
+    _pack,
+    _pad,
+    compile_layers,
+    lr_factor,
+    right_padded,
+    run_sft,
+    sft_batches,
+    sft_loss,
+)
 from igpo.types import Episode, Question, Turn
 
 pytestmark = pytest.mark.slow
@@ -111,6 +122,40 @@ def test_eager_attention_gives_the_loss_of_sdpa(tiny_model_dir, tiny_tokenizer, 
     assert load_causal_lm(str(out)).config._attn_implementation == "sdpa"
 
 
+def test_compiled_layers_give_the_loss_and_gradients_of_eager(tiny_model_dir, tiny_tokenizer, tiny_texts, tmp_path):
+    """sft.compile=true: inductor kernels, the same loss and gradients to rounding; the exported model is a plain
+    one (same parameter names, loads without compilation)."""
+    eps = _episodes(tiny_tokenizer, [t for t in tiny_texts if "<|im_start|>" in t], n=12)
+    batches = sft_batches(eps, tiny_tokenizer.pad_token_id, batch_size=4)
+    assert len({b["input_ids"].shape[1] for b in batches}) > 1  # widths vary: the dynamic-shape graph is reused
+    eager = load_causal_lm(str(tiny_model_dir))
+    compiled = load_causal_lm(str(tiny_model_dir))
+    compile_layers(compiled)
+    for b in batches:
+        losses = []
+        for m in (eager, compiled):
+            m.zero_grad()
+            loss = sft_loss(m, b, bf16=False)
+            loss.backward()
+            losses.append(float(loss))
+        assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+        for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert compiled.get_decoder().layers[0]._compiled_call_impl is not None
+    cfg = SFTConfig(max_steps=2, batch_size=4, warmup_steps=1, compile=True, max_minutes=10)
+    out, stats = run_sft(tiny_model_dir, eps, tmp_path / "compiled", cfg, progress=False)
+    assert stats["steps"] == 2
+    plain = load_causal_lm(str(out))
+    assert {n for n, _ in plain.named_parameters()} == {n for n, _ in eager.named_parameters()}
+    with pytest.raises(ValueError, match="no `layers`"):
+        compile_layers(_NoLayers())
+
+
+class _NoLayers(torch.nn.Module):
+    def get_decoder(self):
+        return torch.nn.Identity()
+
+
 def test_lr_schedule_golden_values():
     cfg = SFTConfig(max_steps=110, warmup_steps=10, min_lr_ratio=0.1)
     assert lr_factor(0, cfg) == pytest.approx(0.1)
@@ -135,6 +180,9 @@ def test_cache_key_changes_with_every_input():
     }
     # the attention kernel changes the bytes of the warm start (rounding), so it is part of the key
     assert artifact_keys(**(base | {"sft": base["sft"] | {"attn_implementation": "eager"}}))["sft"] != ref["sft"]
+    # so is compilation; compile=false is the default and keeps the keys of configs written without the field
+    assert artifact_keys(**(base | {"sft": base["sft"] | {"compile": True}}))["sft"] != ref["sft"]
+    assert artifact_keys(**(base | {"sft": base["sft"] | {"compile": False}})) == ref
     for name, value in changes.items():
         keys = artifact_keys(**(base | {name: value}))
         assert keys["sft"] != ref["sft"], name
