@@ -10,9 +10,11 @@ over the variants, medians over rounds), so a busy machine slows every variant a
   packed      the same, trajectories packed into rows of `--pack-length` tokens with a block-diagonal mask
   fp32        masked, without autocast
   eager       masked with transformers' eager attention instead of sdpa (`sft.attn_implementation=eager`)
+  fp32_compiled  fp32 with the decoder layers compiled (`sft.compile=true`, igpo.sft.compile_layers; the
+              compilation is timed separately and printed, not counted in the rate)
 Prints the prediction, a table and one line
-`sft_tokens_per_s before=… padmask=… masked=… packed=… fp32=… eager=… speedup=… causal_vs_padmask=…
-eager_vs_sdpa=…`.
+`sft_tokens_per_s before=… padmask=… masked=… packed=… fp32=… eager=… fp32_compiled=… speedup=… causal_vs_padmask=…
+eager_vs_sdpa=… compiled_vs_fp32=…`.
 
   python benchmarks/sft_throughput.py [--steps 8 --rounds 3]
 """
@@ -38,7 +40,9 @@ PREDICTION = """prediction (written before measuring):
                      ~1.5x on a CPU without bf16 instructions (a 512x512 matmul: fp32 1.6x faster, 2026-12-03)
   masked vs padmask ~1.5x: a 5-step fwd+bwd probe under load ran 2.2-2.7 s causal-only vs 4.4 s with the mask
   eager vs masked   ~1.25x: an idle profile puts the CPU flash-attention backward of sdpa at 24 % of the step; a
-                     probe of fwd+bwd only measured eager at 1.25x (third run, 2026-12-02)"""
+                     probe of fwd+bwd only measured eager at 1.25x (third run, 2026-12-02)
+  fp32_compiled vs fp32 ~1.15x: matmuls are 58 % of an fp32 step (profile, 2026-12-03) and run near the CPU's peak;
+                     compilation can only fuse the rest (norms, SiLU, rotary, residual adds)"""
 
 
 def main() -> None:
@@ -59,7 +63,7 @@ def main() -> None:
     from igpo.models.causal_lm import load_causal_lm
     from igpo.retriever.bm25 import BM25Retriever
     from igpo.run import compose_config
-    from igpo.sft import sft_batches, sft_loss
+    from igpo.sft import compile_layers, sft_batches, sft_loss
 
     cfg = compose_config("demo", ["prepare.sft=null"])
     assets = instantiate(cfg.prepare)
@@ -73,8 +77,15 @@ def main() -> None:
     retriever.close()
     model = load_causal_lm(assets["model"])
     eager = load_causal_lm(assets["model"], attn_implementation="eager")
-    opt = torch.optim.AdamW(list(model.parameters()) + list(eager.parameters()), lr=1e-5)
+    compiled = load_causal_lm(assets["model"])
+    compile_layers(compiled)
+    opt = torch.optim.AdamW(list(model.parameters()) + list(eager.parameters()) + list(compiled.parameters()), lr=1e-5)
     padded = sft_batches(episodes, tok.pad_token_id, 16, 0)
+    t0 = time.perf_counter()
+    for b in padded[:2]:  # compile (dynamic shapes: two widths), timed on its own
+        sft_loss(compiled, b, bf16=False).backward()
+    opt.zero_grad()
+    compile_s = time.perf_counter() - t0
     packed = sft_batches(episodes, tok.pad_token_id, 16, 0, packing=True, pack_length=args.pack_length)
 
     def before(b):  # the first round's SFT step: full logits, then a masked NLL
@@ -90,6 +101,7 @@ def main() -> None:
         "packed": (packed, lambda b: sft_loss(model, b, bf16=True)),
         "fp32": (padded, lambda b: sft_loss(model, b, bf16=False)),
         "eager": (padded, lambda b: sft_loss(eager, b, bf16=True)),
+        "fp32_compiled": (padded, lambda b: sft_loss(compiled, b, bf16=False)),
     }
     rates: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(args.rounds + 1):  # round 0 warms up
@@ -112,10 +124,11 @@ def main() -> None:
     print("| variant | real tokens/s (median of rounds) | vs before |\n|---|---|---|")
     for k, v in med.items():
         print(f"| {k} | {v:,.0f} | {v / med['before']:.2f}x |")
-    print(f"threads={torch.get_num_threads()}")
+    print(f"threads={torch.get_num_threads()} compile_s={compile_s:.1f} (fp32_compiled's first two steps)")
     print("sft_tokens_per_s " + " ".join(f"{k}={v:.0f}" for k, v in med.items())
           + f" speedup={med['masked'] / med['before']:.2f} causal_vs_padmask={med['masked'] / med['padmask']:.2f}"
-          + f" eager_vs_sdpa={med['eager'] / med['masked']:.2f}")
+          + f" eager_vs_sdpa={med['eager'] / med['masked']:.2f}"
+          + f" compiled_vs_fp32={med['fp32_compiled'] / med['fp32']:.2f}")
 
 
 def _with_positions(b: dict) -> dict:
