@@ -136,7 +136,7 @@ def artifact_keys(
 
     With `base_model` (its identity, `base_model_id`) there is no tiny model (`tiny` is None) and the SFT
     key covers the base model and the world instead; `tokenizer`, `model` and `tokenizer_texts` are unused."""
-    from igpo.sft import SFTConfig
+    from igpo.sft import SFTConfig, resolve_bf16
 
     proto = dataclasses.asdict(protocol)
     if base_model is None:
@@ -150,7 +150,9 @@ def artifact_keys(
         determining = {k: v for k, v in dict(sft).items() if k not in SFT_NOT_IN_KEY}
         if not determining.get("compile", True):  # compile=false is the default: the keys built without the field
             del determining["compile"]
-        kernels = numerics(sft.get("accelerator", SFTConfig.accelerator), bf16=sft.get("bf16", SFTConfig.bf16))
+        accelerator = sft.get("accelerator", SFTConfig.accelerator)
+        determining["bf16"] = resolve_bf16(sft.get("bf16"), accelerator)  # unset: what this machine resolves it to
+        kernels = numerics(accelerator, bf16=determining["bf16"])
         sft_key = content_key("sft", base, determining, dict(oracle or {}), proto, seed, kernels)
     return {"tiny": tiny, "sft": sft_key}
 

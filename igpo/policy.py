@@ -44,7 +44,7 @@ from igpo.types import RolloutBatch
 
 __all__ = ["DEFAULT_TARGETS", "IGPOPolicy", "LoraSettings", "OptimSettings", "PrecisionSettings"]
 
-Precision = Literal["bf16", "fp32"]
+Precision = Literal["bf16", "fp32", "native"]
 
 
 @dataclass(frozen=True)
@@ -58,16 +58,23 @@ class OptimSettings:
 @dataclass(frozen=True)
 class PrecisionSettings:
     """Autocast precision of each pass; master weights stay in the model's dtype. `fp32` everywhere
-    reproduces the exact numbers (tests); `bf16` is much faster on CPUs with AVX-512 bf16 and on GPUs."""
+    reproduces the exact numbers (tests); `bf16` is much faster on CPUs with AVX-512 bf16 and on GPUs, and 2.5x
+    slower than fp32 on a CPU that emulates it. `native` (the default) is bf16 where the device training would
+    use computes it natively, else fp32 (igpo.precision.native_bf16); it is resolved when the settings are made."""
 
-    probe: Precision = "bf16"  # the scoring passes: probe (+ old log-probs when off-policy)
-    reference: Precision = "bf16"  # not separately switchable from `probe` today: both are no-grad scoring
-    update: Precision = "bf16"
+    probe: Precision = "native"  # the scoring passes: probe (+ old log-probs when off-policy)
+    reference: Precision = "native"  # not separately switchable from `probe` today: both are no-grad scoring
+    update: Precision = "native"
 
     def __post_init__(self) -> None:
+        from igpo.precision import native_bf16
+
         for name in ("probe", "reference", "update"):
-            if getattr(self, name) not in ("bf16", "fp32"):
-                raise ValueError(f"model.precision.{name} must be 'bf16' or 'fp32', got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if value not in ("bf16", "fp32", "native"):
+                raise ValueError(f"model.precision.{name} must be 'bf16', 'fp32' or 'native', got {value!r}")
+            if value == "native":
+                object.__setattr__(self, name, "bf16" if native_bf16() else "fp32")
 
 
 class IGPOPolicy(L.LightningModule):

@@ -11,6 +11,8 @@ configs ask `${igpo.if_native_bf16:A,B}`, an OmegaConf resolver registered when 
 training would compute in bf16 natively (a CUDA GPU with bf16 support; a CPU with AVX-512 bf16 or AMX), else B.
 It is resolved when the config is (resolved_config.yaml records the value), and it decides a warm start's bytes,
 so the SFT cache key holds the resolved `bf16` and the CPU features (igpo.artifacts.numerics).
+Objects built in Python choose the same way by default: `PrecisionSettings()` ("native"), `SFTConfig(bf16=None)`,
+`VLLMGenerator(dtype="native")`.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ class SFTConfig:
     warmup_steps: int = 30
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
-    bf16: bool = True  # autocast; fp32 master weights
+    bf16: bool | None = None  # autocast; fp32 master weights. None: where the device computes bf16 natively
     packing: bool = False
     pack_length: int = 1024
     lora: LoraSettings | None = None  # None: full fine-tune
@@ -65,6 +65,8 @@ class SFTConfig:
     extra: dict = field(default_factory=dict)  # ignored by training; part of the cache key
 
     def __post_init__(self) -> None:
+        if self.bf16 is None:
+            object.__setattr__(self, "bf16", resolve_bf16(None, self.accelerator))
         for name in ("max_steps", "batch_size", "pack_length"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"sft.{name}={getattr(self, name)!r}: must be >= 1")
@@ -72,6 +74,16 @@ class SFTConfig:
             raise ValueError(f"sft.warmup_steps={self.warmup_steps} must be in [0, max_steps={self.max_steps})")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"sft.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+
+
+def resolve_bf16(bf16: bool | None, accelerator: str = "auto") -> bool:
+    """`bf16`, or where it is None whether the accelerator (Lightning's name; "auto": CUDA when available, else the
+    CPU) computes bf16 natively (igpo.precision.native_bf16)."""
+    if bf16 is not None:
+        return bool(bf16)
+    from igpo.precision import native_bf16
+
+    return native_bf16({"gpu": "cuda", "cuda": "cuda", "cpu": "cpu"}.get(str(accelerator)))
 
 
 def _build_facts(model_dir: Path, cfg: SFTConfig) -> dict[str, Any]:

@@ -40,7 +40,7 @@ class VLLMGenerator:
         self,
         model: str,
         *,
-        dtype: Literal["float32", "bfloat16", "float16", "auto"] = "bfloat16",
+        dtype: Literal["float32", "bfloat16", "float16", "auto", "native"] = "native",
         max_model_len: int = 2048,
         max_num_seqs: int = 64,
         seed: int = 0,
@@ -58,6 +58,10 @@ class VLLMGenerator:
         prefill_whole_batch: bool = False,
     ) -> None:
         self.model = str(model)
+        if dtype == "native":  # bfloat16 where the device computes it natively, else float32 (igpo.precision)
+            from igpo.precision import native_bf16
+
+            dtype = "bfloat16" if native_bf16() else "float32"
         self.engine_args: dict[str, Any] = dict(
             dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs, seed=seed,
             enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,

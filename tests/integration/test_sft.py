@@ -206,7 +206,7 @@ def test_cache_key_covers_the_kernels(monkeypatch):
     """Bytes are reproducible for one torch build on one kernel level (igpo.artifacts.numerics): another CPU
     instruction set, a GPU, or (fp32 only) another thread count is another key."""
     base = dict(world_name="world-x", tokenizer={}, model={}, seed=0, tokenizer_texts=3000,
-                protocol=AgentProtocol(), sft={"max_steps": 10, "accelerator": "cpu"}, oracle={})
+                protocol=AgentProtocol(), sft={"max_steps": 10, "accelerator": "cpu", "bf16": True}, oracle={})
     ref = artifact_keys(**base)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "SOMETHING_ELSE")
     other = artifact_keys(**base)

@@ -55,3 +55,38 @@ def test_the_comparison_benchmarks_run_bf16_on_any_machine(monkeypatch, native):
         cfg = compose_config("train", [f"experiment={experiment}"])
         assert cfg.generator.dtype == "bfloat16" and cfg.prepare.sft.bf16 is True
         assert {cfg.model.precision[p] for p in ("probe", "reference", "update")} == {"bf16"}
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_python_api_defaults_follow_the_hardware(monkeypatch, native):
+    """Objects built in Python (a notebook, a script) choose like the YAML configs: bf16 only where native."""
+    from igpo.artifacts import artifact_keys
+    from igpo.generator.vllm import VLLMGenerator
+    from igpo.policy import PrecisionSettings
+    from igpo.prompts import AgentProtocol
+    from igpo.sft import SFTConfig
+
+    _cpu(monkeypatch, bf16=native)
+    mode = "bf16" if native else "fp32"
+    assert PrecisionSettings() == PrecisionSettings(mode, mode, mode)
+    assert PrecisionSettings(update="fp32").probe == mode
+    assert SFTConfig().bf16 is native and SFTConfig(accelerator="cpu").bf16 is native
+    assert SFTConfig(bf16=True).bf16 is True and SFTConfig(bf16=False).bf16 is False
+    assert VLLMGenerator("m").engine_args["dtype"] == ("bfloat16" if native else "float32")
+    assert VLLMGenerator("m", dtype="float32").engine_args["dtype"] == "float32"
+    # an SFT config without `bf16` gets the key of the value it resolves to on this machine
+    base = dict(world_name="w", tokenizer={}, model={}, seed=0, tokenizer_texts=10, protocol=AgentProtocol(),
+                oracle={})
+    assert artifact_keys(**base, sft={"max_steps": 5}) == artifact_keys(**base, sft={"max_steps": 5, "bf16": None}) \
+        != artifact_keys(**base, sft={"max_steps": 5, "bf16": not native})
+    with pytest.raises(ValueError, match="'bf16', 'fp32' or 'native'"):
+        PrecisionSettings(probe="fp16")
+
+
+def test_native_on_a_cuda_machine_follows_its_bf16_support(monkeypatch):
+    from igpo.policy import PrecisionSettings
+    from igpo.sft import SFTConfig
+
+    _cpu(monkeypatch, bf16=False, cuda=True, cuda_bf16=True)
+    assert PrecisionSettings().update == "bf16" and SFTConfig().bf16 is True
+    assert SFTConfig(accelerator="cpu").bf16 is False  # training on the CPU of that machine: its CPU decides
