@@ -160,9 +160,17 @@ def compile_layers(model: torch.nn.Module) -> None:
     decoder's mask and position set-up and the masked output head stay eager. Measured on the demo's SFT step
     (fp32, 2-core CPU without bf16, 2026-12-03): 1.13x real tokens/s, ~7 s of compilation; inductor needs a C++
     compiler on the CPU (g++/clang) and Triton on a GPU."""
+    import os
+    import shutil
+
     layers = getattr(model.get_decoder(), "layers", None)
     if layers is None:
         raise ValueError(f"sft.compile=true: {type(model.get_decoder()).__name__} has no `layers` to compile")
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    if on_cpu and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")):
+        raise RuntimeError("sft.compile=true: torch's inductor needs a C++ compiler on the CPU and none is on PATH "
+                           "(CXX, g++, clang++). Install one (e.g. `apt install g++`), or set "
+                           "prepare.sft.compile=false (an eager build: other bytes, its own cache key).")
     for layer in layers:
         layer.compile(dynamic=True)
 

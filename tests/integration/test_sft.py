@@ -151,6 +151,14 @@ def test_compiled_layers_give_the_loss_and_gradients_of_eager(tiny_model_dir, ti
         compile_layers(_NoLayers())
 
 
+def test_compile_without_a_cpp_compiler_says_so(tiny_model_dir, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler.*prepare.sft.compile=false"):
+        compile_layers(load_causal_lm(str(tiny_model_dir)))
+
+
 class _NoLayers(torch.nn.Module):
     def get_decoder(self):
         return torch.nn.Identity()
