@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from igpo.artifacts import artifact_keys
-from igpo.models.causal_lm import load_causal_lm
+from igpo.models.causal_lm import LoraSettings, load_causal_lm
 from igpo.prompts import AgentProtocol, encode
 from igpo.sft import (
     SFTConfig,
@@ -122,14 +122,17 @@ def test_eager_attention_gives_the_loss_of_sdpa(tiny_model_dir, tiny_tokenizer, 
     assert load_causal_lm(str(out)).config._attn_implementation == "sdpa"
 
 
-def test_compiled_layers_give_the_loss_and_gradients_of_eager(tiny_model_dir, tiny_tokenizer, tiny_texts, tmp_path):
-    """sft.compile=true: inductor kernels, the same loss and gradients to rounding; the exported model is a plain
-    one (same parameter names, loads without compilation)."""
+@pytest.mark.parametrize("lora", [None, LoraSettings(r=8, alpha=16)], ids=["full", "lora"])
+def test_compiled_layers_give_the_loss_and_gradients_of_eager(tiny_model_dir, tiny_tokenizer, tiny_texts, tmp_path,
+                                                              lora):
+    """sft.compile=true: inductor kernels, the same loss and gradients to rounding (a full fine-tune and a LoRA
+    one); the exported model is a plain one (same parameter names, loads without compilation)."""
     eps = _episodes(tiny_tokenizer, [t for t in tiny_texts if "<|im_start|>" in t], n=12)
     batches = sft_batches(eps, tiny_tokenizer.pad_token_id, batch_size=4)
     assert len({b["input_ids"].shape[1] for b in batches}) > 1  # widths vary: the dynamic-shape graph is reused
-    eager = load_causal_lm(str(tiny_model_dir))
-    compiled = load_causal_lm(str(tiny_model_dir))
+    eager = load_causal_lm(str(tiny_model_dir), lora=lora)
+    compiled = load_causal_lm(str(tiny_model_dir), lora=lora)
+    compiled.load_state_dict(eager.state_dict())  # the same LoRA initialisation
     compile_layers(compiled)
     for b in batches:
         losses = []
@@ -140,13 +143,14 @@ def test_compiled_layers_give_the_loss_and_gradients_of_eager(tiny_model_dir, ti
             losses.append(float(loss))
         assert losses[1] == pytest.approx(losses[0], rel=1e-5)
         for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
-            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+            if p.requires_grad:
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
     assert compiled.get_decoder().layers[0]._compiled_call_impl is not None
-    cfg = SFTConfig(max_steps=2, batch_size=4, warmup_steps=1, compile=True, max_minutes=10)
+    cfg = SFTConfig(max_steps=2, batch_size=4, warmup_steps=1, compile=True, lora=lora, max_minutes=10)
     out, stats = run_sft(tiny_model_dir, eps, tmp_path / "compiled", cfg, progress=False)
     assert stats["steps"] == 2
-    plain = load_causal_lm(str(out))
-    assert {n for n, _ in plain.named_parameters()} == {n for n, _ in eager.named_parameters()}
+    names = {n for n, _ in load_causal_lm(str(tiny_model_dir)).named_parameters()}
+    assert {n for n, _ in load_causal_lm(str(out)).named_parameters()} == names  # LoRA merged: the base model's
     with pytest.raises(ValueError, match="no `layers`"):
         compile_layers(_NoLayers())
 
