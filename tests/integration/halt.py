@@ -3,7 +3,8 @@
 Added to a `train.py` run with Hydra overrides (`+callbacks.halt._target_=tests.integration.halt.HaltAt ...`): when
 `trainer.global_step` equals `step` at the hook `at`, it writes `marker` and sleeps until killed. The kill then lands at
 a known step on any machine, however fast or busy (a poll of `last.ckpt` can miss a step: the kill then lands later
-and leaves fewer steps to compare)."""
+and leaves fewer steps to compare). Before parking it flushes the loggers, so what the run logged up to that point is
+on disk when it is killed (TensorBoard otherwise writes every `flush_secs`)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ class HaltAt(Callback):
 
     def _maybe_halt(self, trainer, hook: str) -> None:
         if hook == self.at and trainer.global_step == self.step:
+            for logger in trainer.loggers:
+                logger.save()
             self.marker.write_text(str(trainer.global_step))
             while True:  # parked: the test kills the process group
                 time.sleep(1)

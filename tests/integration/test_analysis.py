@@ -79,7 +79,7 @@ def test_find_runs_reads_both_jobs(sweep):
     for r in runs:
         assert r.sweep_dir == sweep.resolve() and r.path == sweep.resolve() / str(r.job_num)
         assert r.config.paths.output_dir == str(r.path)  # ${hydra:runtime.output_dir} resolved
-        assert r.tb_dir == r.path / "tb"
+        assert r.tb_dir == r.path / "tb" and list(r.tb_dir.glob("events.out.tfevents.*")), r.path
     assert [r.path for r in analysis.find_runs(sweep / "1")] == [runs[1].path]
     table = analysis.runs_table(runs)
     assert list(table["algorithm.name"]) == ["igpo", "grpo"] and "override:algorithm" in table

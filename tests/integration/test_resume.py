@@ -2,8 +2,10 @@
 checkpoint's step on, the same loss, outcome reward and IG mean (1e-6) as the uninterrupted run.
 
 7 steps with 3 steps per epoch (epoch boundaries, and validation, after steps 3 and 6), a checkpoint after
-every step; `train.py` runs as a subprocess so the kill is a real SIGKILL. The mid-epoch case trains with
-2 PPO epochs × 2 mini-batches per step (off-policy: old log-probs from the probe pass, 4 updates a step)."""
+every step, 2 PPO epochs × 2 mini-batches per step (off-policy: old log-probs from the probe pass, 4 updates a
+step). `train.py` runs as a subprocess so the kill is a real SIGKILL. One chain covers both kill points: the run is
+killed at the epoch boundary (after step 3's checkpoint, during validation), resumed, the resumed run is killed
+mid-epoch (after step 5's checkpoint, before step 6) and resumed again."""
 
 from __future__ import annotations
 
@@ -61,69 +63,53 @@ def _by_step(out: Path) -> dict[str, dict[int, float]]:
     return {k: dict(v) for k, v in _scalars(out / "tb").items()}
 
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("artifacts")
-
-
-@pytest.fixture(scope="module")
-def full_runs(tmp_path_factory, artifacts):
-    """The uninterrupted 7-step run of a configuration, run once per module (the first builds the artifacts)."""
-    runs: dict[tuple[str, ...], Path] = {}
-
-    def get(extra: tuple[str, ...]) -> Path:
-        if extra not in runs:
-            out = tmp_path_factory.mktemp("full") / "full"
-            out.mkdir()
-            _wait(_start(out, artifacts, *extra), out)
-            runs[extra] = out
-        return runs[extra]
-
-    return get
-
-
 SEVERAL_UPDATES = ("model.ppo_epochs=2", "model.mini_batch_size=3")  # 2 questions × 3 episodes: 2 mini-batches
 
 
-# 3: the kill lands at the epoch boundary (after step 3's checkpoint, during validation); 5: mid-epoch, after step
-# 5's checkpoint, before step 6, with 4 updates per step. The run parks itself there (tests/integration/halt.py) and
-# is killed while parked, so the kill does not depend on how fast the machine is.
-@pytest.mark.parametrize(("kill_after", "at", "extra"),
-                         [(3, "validation_start", ()), (5, "train_batch_start", SEVERAL_UPDATES)],
-                         ids=["epoch_end", "mid_epoch_ppo2"])
-def test_sigkill_and_resume_continues_exactly(tmp_path, artifacts, full_runs, kill_after, at, extra):
-    full = full_runs(extra)
-    killed, resumed = tmp_path / "killed", tmp_path / "resumed"
-    for d in (killed, resumed):
-        d.mkdir()
-    marker = tmp_path / "halted"
-    proc = _start(killed, artifacts, *extra, "+callbacks.halt._target_=tests.integration.halt.HaltAt",
-                  f"+callbacks.halt.step={kill_after}", f"+callbacks.halt.at={at}", f"+callbacks.halt.marker={marker}")
-    last = killed / "checkpoints" / "last.ckpt"
+def _killed_at(out: Path, artifacts: Path, step: int, at: str, *extra: str) -> Path:
+    """Runs until `trainer.global_step == step` at hook `at`, where tests/integration/halt.py parks the run (so the
+    kill does not depend on how fast the machine is), SIGKILLs it there and returns its `last.ckpt`."""
+    marker = out.parent / f"{out.name}.halted"
+    proc = _start(out, artifacts, *SEVERAL_UPDATES, *extra, "+callbacks.halt._target_=tests.integration.halt.HaltAt",
+                  f"+callbacks.halt.step={step}", f"+callbacks.halt.at={at}", f"+callbacks.halt.marker={marker}")
     deadline = time.time() + 900
     while proc.poll() is None and not marker.exists() and time.time() < deadline:
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert marker.exists(), f"the run did not reach step {kill_after} ({at}):\n" + \
-        (killed.parent / "killed.log").read_text()[-3000:]
-    step = _ckpt_step(last)
-    assert step == kill_after, f"killed at checkpoint step {step}, expected {kill_after}"
-    shutil.copy(last, resumed / "last.ckpt")
-    _wait(_start(resumed, artifacts, *extra, f"ckpt_path={resumed / 'last.ckpt'}"), resumed)
+    assert marker.exists(), f"{out.name} did not reach step {step} ({at}):\n" + \
+        (out.parent / f"{out.name}.log").read_text()[-3000:]
+    last = out / "checkpoints" / "last.ckpt"
+    assert _ckpt_step(last) == step, f"{out.name} was killed at checkpoint step {_ckpt_step(last)}, expected {step}"
+    return last
 
-    a, b = _by_step(full), _by_step(resumed)
+
+def test_sigkill_and_resume_continues_exactly(tmp_path):
+    artifacts = tmp_path / "artifacts"
+    full, first, second, third = (tmp_path / n for n in ("full", "killed", "resumed", "resumed_again"))
+    for d in (full, first, second, third):
+        d.mkdir()
+    _wait(_start(full, artifacts, *SEVERAL_UPDATES), full)  # the uninterrupted run (builds the artifacts)
+    # killed at the epoch boundary, during validation; the resumed run is killed mid-epoch with several updates a
+    # step behind it; the last resume runs to the end
+    shutil.copy(_killed_at(first, artifacts, 3, "validation_start"), second / "last.ckpt")
+    shutil.copy(_killed_at(second, artifacts, 5, "train_batch_start", f"ckpt_path={second / 'last.ckpt'}"),
+                third / "last.ckpt")
+    _wait(_start(third, artifacts, *SEVERAL_UPDATES, f"ckpt_path={third / 'last.ckpt'}"), third)
+
+    a, logged = _by_step(full), {3: _by_step(second), 5: _by_step(third)}
     rows = []
-    for s in range(step, STEPS):  # TensorBoard step s = the (s+1)-th step; the checkpoint holds `step` of them
+    for s in range(3, STEPS):  # TensorBoard step s = the (s+1)-th step; the checkpoint holds `step` of them
+        b = logged[3 if s < 5 else 5]
         for k in METRICS:
             rows.append((s, k, a[k].get(s), b[k].get(s)))
     report = "\n".join(f"step {s} {k}: full {x} resumed {y}" for s, k, x, y in rows)
     diffs = [abs(x - y) for *_, x, y in rows if x is not None and y is not None]
-    print(f"\nresumed from step {step} ({' '.join(extra) or 'defaults'}): {len(diffs)}/{len(rows)} values, "
+    print(f"\nresumed from steps 3 and 5: {len(diffs)}/{len(rows)} values, "
           f"max |diff| {max(diffs, default=float('nan')):.3g}\n{report}")
     # not a vacuous comparison: the weights (loss, KL) and the samples (tokens) move from step to step. With
     # the untrained tiny model every episode is one malformed turn (outcome -2, IG 0, advantages 0), so the
     # loss is the KL/entropy part; test_testbed.py covers the SFT-warm-started path.
-    assert len({a["train/loss"][s] for s in range(step, STEPS)}) > 1, report
+    assert len({a["train/loss"][s] for s in range(3, STEPS)}) > 1, report
     same = [x is not None and y is not None and math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-6) for *_, x, y in rows]
     assert all(same), report

@@ -41,9 +41,15 @@ def env(tmp_path_factory):
     return build_env(tmp_path_factory.mktemp("golden"))
 
 
-def test_golden_two_steps(env):
-    rec = run_two_steps(*env, precision=FP32)
-    for got, want in zip(rec, GOLDEN, strict=True):
+@pytest.fixture(scope="module")
+def fused_steps(env):
+    """The two fp32 steps through the trainer with the default (fused) probe: the golden run, also the fused side
+    of the fused-vs-separate comparison (run once)."""
+    return run_two_steps(*env, precision=FP32)
+
+
+def test_golden_two_steps(fused_steps):
+    for got, want in zip(fused_steps, GOLDEN, strict=True):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
         assert float(got["advantages"].abs().sum()) == pytest.approx(want["adv_abs_sum"], rel=1e-5)
         assert float(got["advantages"].sum()) == pytest.approx(want["adv_sum"], rel=1e-5)
@@ -231,11 +237,10 @@ def test_fused_probe_equals_the_separate_probe_pass(env, micro):
     assert fused.stats["reward/outcome"] == separate.stats["reward/outcome"]
 
 
-def test_fused_and_separate_training_steps_agree(env):
+def test_fused_and_separate_training_steps_agree(env, fused_steps):
     """Through the trainer (callback → training_step → callbacks reading batch.scores after the step)."""
-    rec_fused = run_two_steps(*env, precision=FP32)  # on-policy: fused by default
-    rec_sep = run_two_steps(*env, precision=FP32, fused_probe=False)
-    for f, s in zip(rec_fused, rec_sep, strict=True):
+    rec_sep = run_two_steps(*env, precision=FP32, fused_probe=False)  # on-policy: fused unless told otherwise
+    for f, s in zip(fused_steps, rec_sep, strict=True):
         assert f["loss"] == pytest.approx(s["loss"], rel=1e-5)
         assert float((f["advantages"] - s["advantages"]).abs().max()) < 1e-4
         for pf, ps in zip(f["probe"], s["probe"], strict=True):

