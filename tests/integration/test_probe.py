@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
@@ -19,6 +19,10 @@ from tests.helpers import sharpen
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TOL = 1e-5
+# Property examples reach |log p| ~ 10 through 4 fp32 layers summed in another order (packed vs padded rows): a
+# 2026-12-03 run found |diff| 1.34e-5 at log p = -10.3 with eager attention (1.3e-6 relative, ~11 fp32 ulps), so
+# those comparisons allow TOL + REL * |value|.
+REL = 2e-6
 
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])
@@ -46,9 +50,11 @@ def random_batch(seed: int, n_episodes: int = 5, max_turns: int = 4, min_len: in
     return ids, mask, bounds, parts
 
 
-def max_diff(a: list[list[float]], b: list[list[float]]) -> float:
+def max_diff(a: list[list[float]], b: list[list[float]], rel: float = 0.0) -> float:
+    """The largest |a - b| over the ragged lists, less `rel` * |b| (a relative allowance) when given."""
     assert [len(x) for x in a] == [len(y) for y in b]
-    return max((abs(x - y) for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True)), default=0.0)
+    return max((abs(x - y) - rel * abs(y) for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True)),
+               default=0.0)
 
 
 def plain_token_logprobs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -227,11 +233,15 @@ def batches(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, list[list[int]
     return ids, mask, bounds, parts
 
 
-@settings(max_examples=10, deadline=None, database=None)
+@settings(max_examples=10, deadline=None, database=None, derandomize=True)  # the same examples on every run
 @given(batch=batches(), padding_side=st.sampled_from(["left", "right"]))
+@example(batch=(torch.tensor([[491, 502, 58, 1381, 1317, 3, 3, 3, 3, 3]]), torch.ones(1, 10, dtype=torch.long), [[5]],
+                [([], [101], [])]), padding_side="left")  # the two examples that found REL (eager attention)
+@example(batch=(torch.tensor([[3, 502, 58, 1382, 3, 3, 3, 3, 3, 3]]), torch.ones(1, 10, dtype=torch.long), [[1]],
+                [([], [3], [])]), padding_side="left")
 def test_property_packed_equals_reference(model, batch, padding_side: str) -> None:
     ids, mask, bounds, parts = batch
     ref = reference_probe(model, ids, mask, bounds, parts, padding_side=padding_side, batch_size=3)
     fast = packed_probe(model, ids, mask, bounds, parts)
-    assert max_diff(fast.probe_logprobs, ref) < TOL
-    assert torch.allclose(fast.token_logprobs, plain_token_logprobs(model, ids, mask), atol=TOL, rtol=0)
+    assert max_diff(fast.probe_logprobs, ref, rel=REL) < TOL
+    assert torch.allclose(fast.token_logprobs, plain_token_logprobs(model, ids, mask), atol=TOL, rtol=REL)
