@@ -188,6 +188,8 @@ def plot(reports: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sweep", default=str(ROOT / "multirun" / "testbed_compare"))
+    ap.add_argument("--family", default="testbed_compare",
+                    help="the experiment --sweep ran (its section title), e.g. testbed_compare_hard with --hard none")
     ap.add_argument("--hard", default=str(ROOT / "multirun" / "testbed_compare_hard"),
                     help="the hard family's sweep dir (skipped when absent)")
     ap.add_argument("--a", default="igpo")
@@ -223,10 +225,10 @@ def main(argv: list[str] | None = None) -> str:
     if args.export and not Path(args.sweep).exists():
         print(f"[learning] nothing to aggregate ({args.sweep} does not exist): exported only", flush=True)
         return ""
-    first = family_report("testbed_compare", Path(args.sweep), args.a, args.b, args.n_boot, args.target,
+    first = family_report(args.family, Path(args.sweep), args.a, args.b, args.n_boot, args.target,
                           args.unfinished)
     if first is None:
-        raise SystemExit(f"[learning] testbed_compare: no seed has a finished job of both {args.a} and {args.b} yet "
+        raise SystemExit(f"[learning] {args.family}: no seed has a finished job of both {args.a} and {args.b} yet "
                          f"({args.sweep})")
     reports, pending = [first], []
     if Path(args.hard).exists():

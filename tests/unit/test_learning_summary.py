@@ -266,10 +266,13 @@ def test_benchmark_reports_other_arms_against_both_references(tmp_path):
     # --export writes the sweep's file first; the report from that file has the same tables
     export = tmp_path / "levers.parquet"
     again = bench.main(["--export", str(sweep), str(export), "--sweep", str(export), "--hard", str(tmp_path / "none"),
-                        "--out", str(tmp_path / "res2"), "--name", "levers", "--n-boot", "500"])
+                        "--out", str(tmp_path / "res2"), "--name", "levers", "--n-boot", "500",
+                        "--family", "testbed_compare_hard"])
     assert again == line
-    tables = [r for r in (tmp_path / "res2" / "levers.md").read_text().splitlines() if r.startswith("| ")]
-    assert tables == [r for r in md if r.startswith("| ")]
+    md2 = (tmp_path / "res2" / "levers.md").read_text().splitlines()
+    assert [r for r in md2 if r.startswith("| ")] == [r for r in md if r.startswith("| ")]
+    # --family names the section (a hard-family sweep reported alone); the default is testbed_compare
+    assert f"## testbed_compare_hard (`{export}`)" in md2 and f"## testbed_compare (`{sweep}`)" in md
     # --export with no sweep to aggregate (a hard-family sweep alone on this machine) only exports
     only = tmp_path / "only.parquet"
     assert bench.main(["--export", str(sweep), str(only), "--sweep", str(tmp_path / "no_sweep"),
