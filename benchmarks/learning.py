@@ -69,16 +69,20 @@ HOW = """How the numbers are computed (igpo.learning):
   and IGPO's too, inf when only GRPO's is 0."""
 
 
-def family_report(name: str, sweep: Path, a: str, b: str, n_boot: int, target: float, unfinished: bool = False):
+def family_report(name: str, sweep: Path, a: str, b: str, n_boot: int, target: float, unfinished: bool = False,
+                  start: str | None = None):
     df = load_sweep(sweep)
     left_out: list[str] = []
+    if unfinished and start is not None:
+        left_out = sorted(set(df.job) - set(df[df.start == start].job))
+        df = df[df.start == start]
     if not unfinished:
-        df, left_out = finished_and_paired(df, (a, b))
+        df, left_out = finished_and_paired(df, (a, b), start=start)
         if df.empty:
             return None  # no seed has a finished job of both arms yet
         for job in left_out:
-            print(f"[learning] {name}: left out {job} (unfinished, its seed lacks a finished {a}/{b} job, or the "
-                  f"arms' step-0 points differ)")
+            print(f"[learning] {name}: left out {job} (unfinished, its seed lacks a finished {a}/{b} job, the "
+                  f"arms' step-0 points differ, or it started from another policy than --start)")
     zero_std = zero_std_fraction(sweep)
     zero_std = zero_std.merge(df[["arm", "seed"]].drop_duplicates(), on=["arm", "seed"])
     cmp = compare_arms(df, a, b, zero_std, n_boot=n_boot)
@@ -93,7 +97,8 @@ def family_report(name: str, sweep: Path, a: str, b: str, n_boot: int, target: f
             others.append((compare_arms(both, arm, ref, zero_std, n_boot=n_boot),
                            diff_by_step(both, arm, ref, n_boot=min(n_boot, 5000))[1]))
     return {"name": name, "sweep": sweep, "df": df, "cmp": cmp, "others": others, "curves": c,
-            "power": cmp.power(target), "left_out": left_out, "by_step": by_step, "curve_diff": curve_diff}
+            "power": cmp.power(target), "left_out": left_out, "by_step": by_step, "curve_diff": curve_diff,
+            "starts": sorted(set(df.start.dropna()))}
 
 
 def protocol_lines(sweep: Path) -> list[str]:
@@ -118,9 +123,10 @@ def tables(rep: dict) -> list[str]:
         out.append(f"- {arm}: seeds {sorted(g.seed)}, final eval step {sorted(set(g.final))}, "
                    f"{'all finished' if g.done.all() else 'NOT all finished'}")
     for job in rep.get("left_out", []):
-        out.append(f"- left out (unfinished, its seed lacks a finished job of both arms, or their step-0 points "
-                   f"differ): `{Path(job).name}`")
-    out += ["", *protocol_lines(rep["sweep"]), ""]
+        out.append(f"- left out (unfinished, its seed lacks a finished job of both arms, their step-0 points "
+                   f"differ, or it started from another policy than --start): `{Path(job).name}`")
+    start = ", ".join(f"`{s}`" for s in rep.get("starts", [])) or "unknown (the export predates the record)"
+    out += ["", f"- every job started from {start} (igpo.learning.check_one_start)", *protocol_lines(rep["sweep"]), ""]
     for hop in [h for h in c.hop.unique() if h != "multi"] + ["multi"]:
         part = c[c.hop == hop]
         steps = sorted(part.step.unique())
@@ -198,6 +204,8 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--name", default="learning_compare")
     ap.add_argument("--target", type=float, default=0.04, help="wanted half-width of the diff CI")
     ap.add_argument("--n-boot", type=int, default=10_000)
+    ap.add_argument("--start", help="compare only the jobs that started from this policy (a warm start's name, "
+                                     "sft-<key>: a sweep resumed on another machine may hold two)")
     ap.add_argument("--unfinished", action="store_true",
                     help="also use unfinished jobs and unpaired seeds (default: finished, paired)")
     ap.add_argument("--note", help="a markdown file (the reading of the results) put before the method section")
@@ -226,7 +234,7 @@ def main(argv: list[str] | None = None) -> str:
         print(f"[learning] nothing to aggregate ({args.sweep} does not exist): exported only", flush=True)
         return ""
     first = family_report(args.family, Path(args.sweep), args.a, args.b, args.n_boot, args.target,
-                          args.unfinished)
+                          args.unfinished, args.start)
     if first is None:
         raise SystemExit(f"[learning] {args.family}: no seed has a finished job of both {args.a} and {args.b} yet "
                          f"({args.sweep})")
@@ -234,7 +242,7 @@ def main(argv: list[str] | None = None) -> str:
     if Path(args.hard).exists():
         try:
             hard = family_report("testbed_compare_hard", Path(args.hard), args.a, args.b, args.n_boot, args.target,
-                                 args.unfinished)
+                                 args.unfinished, args.start)
         except FileNotFoundError:  # started, no eval point written yet
             hard = None
         if hard is None:

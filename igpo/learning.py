@@ -17,6 +17,10 @@ The aggregation reads every job of a sweep directory (`load_sweep`) into a long 
 one-line `learning_summary ...` record that ends docs/results/learning_compare.md. `export_sweep` packs what
 the aggregation reads into one parquet file (committed; `load_sweep` reads it like the directory), and
 `restore_sweep` writes its finished jobs back into a sweep directory, so a sweep can span machines or sessions.
+Each row carries the policy its job started from (`start`: the warm start's artifact name, `sft-<content key>`),
+and a comparison refuses to pool jobs of different starts (`check_one_start`): a sweep resumed on a machine that
+builds another warm start (another CPU kernel level or bf16 support, `igpo.artifacts.numerics`) would otherwise
+mix two experiments silently, since only a seed's own arms can be checked against each other at step 0.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import json
 import logging
 import math
 import random
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -57,6 +62,36 @@ def is_done(run_dir: str | Path, max_steps: int | None = None) -> bool:
     if not path.is_file():
         return False
     return max_steps is None or int(json.loads(path.read_text()).get("max_steps", -1)) == int(max_steps)
+
+
+ARTIFACT_NAME = re.compile(r"^[a-z0-9_]+-[0-9a-f]{16}$")  # igpo.artifacts: <kind>-<content key>
+
+
+def start_of(record: dict) -> str | None:
+    """The policy an eval point's job started from: its protocol's model directory, by name when it is an igpo
+    artifact (`sft-<content key>`: the same build under any checkout or worktree), else the path as given;
+    None when the point has no protocol (a run without its config beside it)."""
+    model = (record.get("protocol") or {}).get("model")
+    if not model:
+        return None
+    name = Path(str(model)).name
+    return name if ARTIFACT_NAME.match(name) else str(model)
+
+
+def check_one_start(df: pd.DataFrame) -> None:
+    """Raise unless every job of `df` (a `load_sweep` frame) started from one policy. Jobs whose start is unknown
+    (older exports, points without a protocol) are not checked."""
+    if "start" not in df.columns:
+        return
+    known = df.dropna(subset=["start"])
+    starts = known.groupby("start").job.unique()
+    if len(starts) > 1:
+        groups = "; ".join(f"{start}: {', '.join(sorted(Path(str(j)).name for j in jobs))}"
+                           for start, jobs in starts.items())
+        raise ValueError(f"the jobs started from {len(starts)} different policies ({groups}); seeds pool only within "
+                         "one warm start (a sweep resumed on a machine that builds another one, see "
+                         "igpo.artifacts.numerics): compare one group (finished_and_paired(start=...), "
+                         "benchmarks/learning.py --start) or run the rest where the first jobs ran")
 
 
 def hops_of(metadata: dict) -> int:
@@ -233,7 +268,8 @@ def find_jobs(sweep_dir: str | Path) -> list[Path]:
 
 def load_sweep(sweep_dir: str | Path) -> pd.DataFrame:
     """One row per (job, eval step, question): arm, seed, step, hops, question, em, f1, format_ok,
-    searches, n (episodes), job, done. `sweep_dir` may also be a file written by `export_sweep`."""
+    searches, n (episodes), job, done, start (`start_of`). `sweep_dir` may also be a file written by
+    `export_sweep`."""
     if Path(sweep_dir).is_file():
         return _read_export(sweep_dir).drop(columns=["zero_std"])
     rows = []
@@ -244,20 +280,29 @@ def load_sweep(sweep_dir: str | Path) -> pd.DataFrame:
             for qid, q in rec["questions"].items():
                 rows.append({"arm": rec["algorithm"], "seed": int(rec["seed"]), "step": int(rec["step"]),
                              "hops": int(q["hops"]), "question": qid, **{k: q[k] for k in METRICS},
-                             "n": int(q["n"]), "job": str(job), "done": done})
+                             "n": int(q["n"]), "job": str(job), "done": done, "start": start_of(rec)})
     if not rows:
         raise FileNotFoundError(f"load_sweep: no eval points under {sweep_dir} ({EVAL_DIR}/step_*.json)")
     return pd.DataFrame(rows)
 
 
-def finished_and_paired(df: pd.DataFrame, arms: tuple[str, ...] = ("igpo", "grpo")) -> tuple[pd.DataFrame, list[str]]:
+def finished_and_paired(df: pd.DataFrame, arms: tuple[str, ...] = ("igpo", "grpo"),
+                        start: str | None = None) -> tuple[pd.DataFrame, list[str]]:
     """The rows of a `load_sweep` frame that a comparison of a stopped or running sweep may use: jobs that
     finished (`DONE.json`), of the seeds that every arm in `arms` finished, so the arms stay paired on seeds.
     The arms of a seed start from the same warm start with the same sampling seeds, so their step-0 points are
     equal question by question; a seed whose step-0 points differ (jobs run in different sessions whose warm
     starts came out different, e.g. another CPU or library build) is not paired, and is left out with a warning.
-    Also returns the jobs left out (unfinished, their seed unpaired, or its step 0 differing)."""
+    Seeds of different warm starts do not pool either, and seeds cannot show it (their sampling differs): the
+    kept jobs must share one `start` (`check_one_start` raises otherwise); `start` keeps only that start's jobs.
+    Also returns the jobs left out (unfinished, their seed unpaired, or its step 0 differing, or of another
+    `start`)."""
     done = df[df.done]
+    if start is not None:
+        if start not in set(df.get("start", pd.Series(dtype=object)).dropna()):
+            raise ValueError(f"finished_and_paired: no job started from {start!r} (starts: "
+                             f"{sorted(set(df.get('start', pd.Series(dtype=object)).dropna()))})")
+        done = done[done.start == start]
     seeds = set(done.seed)
     for arm in arms:
         seeds &= set(done[done.arm == arm].seed)
@@ -271,6 +316,7 @@ def finished_and_paired(df: pd.DataFrame, arms: tuple[str, ...] = ("igpo", "grpo
                         "/".join(arms))
             seeds.discard(seed)
     kept = done[done.seed.isin(seeds)]
+    check_one_start(kept)
     dropped = sorted(set(df.job) - set(kept.job))
     return kept, dropped
 
@@ -327,7 +373,8 @@ def restore_sweep(path: str | Path, sweep_dir: str | Path) -> list[Path]:
     (`<arm>_seed<seed>`, the sweep's `hydra.sweep.subdir`): their eval points, `DONE.json` and the zero-std
     fraction (`heldout_eval/restored.json`, read by `zero_std_fraction` when the job has no TensorBoard log).
     Launched again with the same command (and max_steps), the sweep skips these jobs and runs only the rest,
-    on any machine; `load_sweep(sweep_dir)` then reads restored and new jobs alike. Unfinished jobs are not
+    on any machine; `load_sweep(sweep_dir)` then reads restored and new jobs alike (a machine that builds
+    another warm start runs jobs that do not pool with the restored ones: `check_one_start`). Unfinished jobs are not
     restored (their checkpoints are not in the export: they run again from the start). A job directory that
     already holds eval points is left alone if it finished at the same step, else it is an error. Returns the
     job directories written."""
@@ -345,6 +392,9 @@ def restore_sweep(path: str | Path, sweep_dir: str | Path) -> list[Path]:
             raise FileExistsError(f"restore_sweep: {target / EVAL_DIR} exists and is not the finished job of {path} "
                                   f"(final step {final}); remove it or restore into another sweep directory")
         (arm,), (seed,) = g.arm.unique(), g.seed.unique()
+        starts = g.start.dropna().unique()
+        # the job's own start (the first point's protocol is another job's); unknown stays unknown
+        model = str(starts[0]) if len(starts) == 1 else None
         steps = sorted(int(s) for s in g.step.unique())
         for step in steps:
             rows = g[g.step == step]
@@ -358,7 +408,7 @@ def restore_sweep(path: str | Path, sweep_dir: str | Path) -> list[Path]:
             record = {"format": FORMAT, "step": step, "max_steps": final, "seed": int(seed), "algorithm": arm,
                       "samples": samples, "temperature": first.get("temperature"),
                       "selection_seed": first.get("selection_seed"), "hops": hops, "questions": questions,
-                      "protocol": None if protocol is None else {**protocol, "samples": samples},
+                      "protocol": None if protocol is None else {**protocol, "samples": samples, "model": model},
                       "restored_from": str(path)}
             atomic_write(eval_path(target, step), json.dumps(record, sort_keys=True) + "\n")
         zero_std = g.zero_std.dropna()
@@ -373,6 +423,8 @@ def restore_sweep(path: str | Path, sweep_dir: str | Path) -> list[Path]:
 
 def _read_export(path: str | Path) -> pd.DataFrame:
     df = pd.read_parquet(path)
+    if "start" not in df.columns:  # exported before jobs recorded their start: unknown, not checked
+        df["start"] = None
     missing = {"arm", "seed", "step", "hops", "question", "em", "n", "job", "done", "zero_std"} - set(df.columns)
     if missing or "first_point" not in df.attrs:
         raise ValueError(f"{path}: not a sweep export (igpo.learning.export_sweep): missing "
@@ -466,6 +518,7 @@ def compare_arms(df: pd.DataFrame, a: str = "igpo", b: str = "grpo", zero_std: p
     collapse_ratio: mean zero-std group fraction of A ÷ that of B (each: mean over seeds of the mean over
                 steps); inf when only B's is 0, NaN when both are 0 or no scalars were found.
     """
+    check_one_start(df[df.arm.isin([a, b])])
     multi = df[df.hops >= 2]
     for arm in (a, b):
         if arm not in set(df.arm):

@@ -5,6 +5,7 @@ training; benchmarks/learning.py and notebooks/04_learning_curves.ipynb read the
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from igpo.learning import DONE, EVAL_DIR, is_done, parse_summary
+from igpo.learning import DONE, EVAL_DIR, is_done, parse_summary, start_of
 from tests.integration.test_train import SMALL
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -67,6 +68,9 @@ def test_smoke_sweep_writes_eval_points(sweep):
         assert p["temperature"] == 1.0 and p["samples"] == 3 and p["seeds"] == [0] and p["ckpt_path"] is None
         assert p["data_path"].endswith(".parquet") and len(p["data_sha256"]) == 64 and p["index_fingerprint"]
         assert _scalar_steps(sweep / job, "adv/zero_std_group_frac")
+    # both jobs record the warm start they began from (the artifact's name: what check_one_start compares)
+    starts = {start_of(_point(sweep, job, step)) for job in JOBS for step in (0, 2)}
+    assert len(starts) == 1 and re.fullmatch(r"sft-[0-9a-f]{16}", starts.pop())
     # the same warm start, questions and sampling seeds: both arms score the same at step 0, question by question
     assert _point(sweep, "igpo_seed0", 0)["questions"] == _point(sweep, "grpo_seed0", 0)["questions"]
     # ... and train on the same questions at each step
@@ -107,7 +111,7 @@ def test_a_sweep_restored_from_its_export_runs_no_job_again(sweep, tmp_path):
     for job in JOBS:
         assert is_done(moved / job, 2)
         assert not (moved / job / "checkpoints").exists() and not (moved / job / "tb").exists()
-    key = ["arm", "seed", "step", "question", "em", "n"]
+    key = ["arm", "seed", "step", "question", "em", "n", "start"]
     a, b = (load_sweep(x).sort_values(key[:4]).reset_index(drop=True)[key] for x in (sweep, moved))
     assert a.equals(b)
 

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -128,14 +129,15 @@ ZERO_STD = {"igpo": [0.1, 0.1, 0.1], "grpo": [0.3, 0.5, 0.4]}
 
 
 def write_point(job: Path, arm: str, seed: int, step: int, questions: dict[str, tuple[int, float]],
-                samples: int = 2) -> None:
-    """One eval-point file as HeldoutEval writes it (only the fields the aggregation reads, plus hops)."""
+                samples: int = 2, start: str | None = None) -> None:
+    """One eval-point file as HeldoutEval writes it (only the fields the aggregation reads, plus hops); `start`:
+    the protocol's model, the warm start's directory."""
     per_q = {qid: {"hops": h, "n": samples, "em": em, "f1": em, "format_ok": 1.0, "searches": float(h)}
              for qid, (h, em) in questions.items()}
     hops = {str(h): {"questions": sum(1 for v in per_q.values() if v["hops"] == h)} for h in {h for h, _ in
                                                                                               questions.values()}}
     rec = {"format": 1, "step": step, "seed": seed, "algorithm": arm, "samples": samples, "hops": hops,
-           "questions": per_q, "protocol": None}
+           "questions": per_q, "protocol": None if start is None else {"model": start}}
     path = eval_path(job, step)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rec))
@@ -231,9 +233,8 @@ def test_aggregation_curves_and_power_advice(tmp_path):
         compare_arms(df, "ig_only", "grpo")
 
 
-def test_benchmark_reports_other_arms_against_both_references(tmp_path):
-    """benchmarks/learning.py on a sweep with a third arm (an item-7 lever) that finished seed 0 only: the
-    lever is compared with GRPO and with IGPO on seed 0 alone, with its final and curve-mean differences."""
+def _bench():
+    """benchmarks/learning.py as a module."""
     import sys
 
     root = Path(__file__).resolve().parents[2]
@@ -242,6 +243,13 @@ def test_benchmark_reports_other_arms_against_both_references(tmp_path):
         import learning as bench
     finally:
         sys.path.remove(str(root / "benchmarks"))
+    return bench
+
+
+def test_benchmark_reports_other_arms_against_both_references(tmp_path):
+    """benchmarks/learning.py on a sweep with a third arm (an item-7 lever) that finished seed 0 only: the
+    lever is compared with GRPO and with IGPO on seed 0 alone, with its final and curve-mean differences."""
+    bench = _bench()
     sweep = make_sweep(tmp_path / "sweep")
     job = sweep / "lever_seed0"
     lever = {0: [0.0, 0.5, 0.5, 0.0], 10: [0.5, 0.5, 1.0, 0.2], 20: [0.7, 0.7, 1.0, 0.4]}
@@ -349,3 +357,67 @@ def test_a_seed_whose_arms_start_apart_is_not_paired(tmp_path, caplog):
         kept, dropped = finished_and_paired(load_sweep(sweep))
     assert set(kept.seed) == {0} and sorted(Path(j).name for j in dropped) == ["grpo_seed1", "igpo_seed1"]
     assert any("seed 1 left out: the step-0 points of igpo/grpo differ" in r.getMessage() for r in caplog.records)
+
+
+def test_jobs_of_different_warm_starts_do_not_pool(tmp_path, caplog):
+    """A sweep resumed on a machine that builds another warm start: the seeds of each build pair up and their step-0
+    points agree within a seed, so only the recorded start tells them apart. A comparison refuses the mix, names
+    both groups, and compares one of them when asked."""
+    from igpo.learning import check_one_start, export_sweep, restore_sweep, start_of
+
+    assert start_of({"protocol": {"model": "/w/wt-sweep/.artifacts/sft-8e6a2065e84a25ad"}}) == "sft-8e6a2065e84a25ad"
+    assert start_of({"protocol": {"model": "/data/my-ckpt"}}) == "/data/my-ckpt"  # not an igpo artifact: the path
+    assert start_of({"protocol": None}) is None and start_of({}) is None
+
+    sweep = tmp_path / "sweep"
+    for arm in ("igpo", "grpo"):
+        for seed, start in ((0, "/a/.artifacts/sft-aaaaaaaaaaaaaaaa"), (1, "/b/.artifacts/sft-bbbbbbbbbbbbbbbb")):
+            job = sweep / f"{arm}_seed{seed}"
+            for step, ems in TWO_HOP[arm].items():
+                write_point(job, arm, seed, step, {f"2h-{i}": (2, em) for i, em in enumerate(ems)}, start=start)
+            (job / EVAL_DIR / DONE).write_text(json.dumps({"max_steps": 20}))
+    df = load_sweep(sweep)
+    assert dict(df.groupby("job").start.first().rename(lambda j: Path(j).name)) == {
+        "grpo_seed0": "sft-aaaaaaaaaaaaaaaa", "grpo_seed1": "sft-bbbbbbbbbbbbbbbb",
+        "igpo_seed0": "sft-aaaaaaaaaaaaaaaa", "igpo_seed1": "sft-bbbbbbbbbbbbbbbb"}
+    msg = r"2 different policies \(sft-aaaaaaaaaaaaaaaa: grpo_seed0, igpo_seed0; sft-bbbbbbbbbbbbbbbb: grpo_seed1, igpo"
+    with pytest.raises(ValueError, match=msg):
+        finished_and_paired(df)
+    with pytest.raises(ValueError, match="different policies"):
+        compare_arms(df, "igpo", "grpo", n_boot=100)
+    kept, dropped = finished_and_paired(df, start="sft-bbbbbbbbbbbbbbbb")
+    assert set(kept.seed) == {1} and sorted(Path(j).name for j in dropped) == ["grpo_seed0", "igpo_seed0"]
+    assert compare_arms(kept, "igpo", "grpo", n_boot=100).seeds == 1
+    with pytest.raises(ValueError, match=r"no job started from 'sft-cccccccccccccccc' \(starts: \['sft-aaaa"):
+        finished_and_paired(df, start="sft-cccccccccccccccc")
+    check_one_start(df[df.seed == 0])  # one start: fine
+    check_one_start(df.assign(start=None))  # unknown starts are not checked
+
+    # the start survives an export and a restore; an export from before the record reads as unknown
+    path = tmp_path / "sweep.parquet"
+    export_sweep(sweep, path)
+    assert load_sweep(path).groupby("job").start.first().to_dict() == {
+        Path(j).name: s for j, s in df.groupby("job").start.first().items()}
+    new = tmp_path / "restored"
+    restore_sweep(path, new)
+    back = load_sweep(new)
+    assert dict(back.groupby("seed").start.unique().map(list)) == {0: ["sft-aaaaaaaaaaaaaaaa"],
+                                                                    1: ["sft-bbbbbbbbbbbbbbbb"]}
+    # the benchmark: refuses the mix, reports one start with --start and names it
+    bench = _bench()
+    args = ["--sweep", str(path), "--hard", "none", "--n-boot", "200", "--family", "testbed_compare_hard"]
+    with pytest.raises(ValueError, match="different policies"):
+        bench.main([*args, "--out", str(tmp_path / "r0")])
+    line = bench.main([*args, "--out", str(tmp_path / "r1"), "--start", "sft-aaaaaaaaaaaaaaaa"])
+    md = (tmp_path / "r1" / "learning_compare.md").read_text()
+    assert parse_summary(line)["seeds"] == 1 and "- every job started from `sft-aaaaaaaaaaaaaaaa`" in md
+    assert "started from another policy than --start): `igpo_seed1`" in md
+    old = tmp_path / "old.parquet"
+    raw = pd.read_parquet(path)
+    raw.drop(columns=["start"]).to_parquet(old)  # keeps attrs (first_point)
+    legacy = load_sweep(old)
+    assert legacy.start.isna().all() and len(legacy) == len(df)
+    compare_arms(legacy, "igpo", "grpo", n_boot=100)  # unknown: pooled as before, not checked
+    legacy_new = tmp_path / "legacy_restored"
+    restore_sweep(old, legacy_new)
+    assert load_sweep(legacy_new).start.isna().all()  # not the first point's model: unknown stays unknown
