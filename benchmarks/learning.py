@@ -44,6 +44,7 @@ from igpo.learning import (  # noqa: E402
     finished_and_paired,
     first_point,
     load_sweep,
+    only_start,
     restore_sweep,
     zero_std_fraction,
 )
@@ -74,8 +75,7 @@ def family_report(name: str, sweep: Path, a: str, b: str, n_boot: int, target: f
     df = load_sweep(sweep)
     left_out: list[str] = []
     if unfinished and start is not None:
-        left_out = sorted(set(df.job) - set(df[df.start == start].job))
-        df = df[df.start == start]
+        df, left_out = only_start(df, start)
     if not unfinished:
         df, left_out = finished_and_paired(df, (a, b), start=start)
         if df.empty:
@@ -125,7 +125,7 @@ def tables(rep: dict) -> list[str]:
     for job in rep.get("left_out", []):
         out.append(f"- left out (unfinished, its seed lacks a finished job of both arms, their step-0 points "
                    f"differ, or it started from another policy than --start): `{Path(job).name}`")
-    start = ", ".join(f"`{s}`" for s in rep.get("starts", [])) or "unknown (the export predates the record)"
+    start = ", ".join(f"`{s}`" for s in rep.get("starts", [])) or "unknown (not recorded: an older export)"
     out += ["", f"- every job started from {start} (igpo.learning.check_one_start)", *protocol_lines(rep["sweep"]), ""]
     for hop in [h for h in c.hop.unique() if h != "multi"] + ["multi"]:
         part = c[c.hop == hop]

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,10 @@ def numerics(accelerator: str = "cpu", bf16: bool = True) -> dict[str, Any]:
 def content_key(*parts: Any) -> str:
     blob = json.dumps([ARTIFACT_VERSION, *parts], sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# an artifact directory's name, `<kind>-<content_key>` (tiny-…, sft-…, world-…): the same build under any root
+ARTIFACT_DIR_NAME = re.compile(r"^[a-z0-9_]+-[0-9a-f]{16}$")
 
 
 def prepare_synthetic(

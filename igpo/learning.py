@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import random
-import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -64,9 +63,6 @@ def is_done(run_dir: str | Path, max_steps: int | None = None) -> bool:
     return max_steps is None or int(json.loads(path.read_text()).get("max_steps", -1)) == int(max_steps)
 
 
-ARTIFACT_NAME = re.compile(r"^[a-z0-9_]+-[0-9a-f]{16}$")  # igpo.artifacts: <kind>-<content key>
-
-
 def start_of(record: dict) -> str | None:
     """The policy an eval point's job started from: its protocol's model directory, by name when it is an igpo
     artifact (`sft-<content key>`: the same build under any checkout or worktree), else the path as given;
@@ -74,8 +70,10 @@ def start_of(record: dict) -> str | None:
     model = (record.get("protocol") or {}).get("model")
     if not model:
         return None
+    from igpo.artifacts import ARTIFACT_DIR_NAME
+
     name = Path(str(model)).name
-    return name if ARTIFACT_NAME.match(name) else str(model)
+    return name if ARTIFACT_DIR_NAME.match(name) else str(model)
 
 
 def check_one_start(df: pd.DataFrame) -> None:
@@ -92,6 +90,16 @@ def check_one_start(df: pd.DataFrame) -> None:
                          "one warm start (a sweep resumed on a machine that builds another one, see "
                          "igpo.artifacts.numerics): compare one group (finished_and_paired(start=...), "
                          "benchmarks/learning.py --start) or run the rest where the first jobs ran")
+
+
+def only_start(df: pd.DataFrame, start: str) -> tuple[pd.DataFrame, list[str]]:
+    """The rows of the jobs that started from `start`, and the jobs left out; an error naming the starts there are
+    when no job started from it."""
+    starts = sorted(set(df.start.dropna())) if "start" in df.columns else []
+    if start not in starts:
+        raise ValueError(f"no job started from {start!r} (starts: {starts})")
+    kept = df[df.start == start]
+    return kept, sorted(set(df.job) - set(kept.job))
 
 
 def hops_of(metadata: dict) -> int:
@@ -297,12 +305,7 @@ def finished_and_paired(df: pd.DataFrame, arms: tuple[str, ...] = ("igpo", "grpo
     kept jobs must share one `start` (`check_one_start` raises otherwise); `start` keeps only that start's jobs.
     Also returns the jobs left out (unfinished, their seed unpaired, or its step 0 differing, or of another
     `start`)."""
-    done = df[df.done]
-    if start is not None:
-        if start not in set(df.get("start", pd.Series(dtype=object)).dropna()):
-            raise ValueError(f"finished_and_paired: no job started from {start!r} (starts: "
-                             f"{sorted(set(df.get('start', pd.Series(dtype=object)).dropna()))})")
-        done = done[done.start == start]
+    done = df[df.done] if start is None else only_start(df, start)[0].query("done")
     seeds = set(done.seed)
     for arm in arms:
         seeds &= set(done[done.arm == arm].seed)

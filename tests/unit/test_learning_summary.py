@@ -359,7 +359,7 @@ def test_a_seed_whose_arms_start_apart_is_not_paired(tmp_path, caplog):
     assert any("seed 1 left out: the step-0 points of igpo/grpo differ" in r.getMessage() for r in caplog.records)
 
 
-def test_jobs_of_different_warm_starts_do_not_pool(tmp_path, caplog):
+def test_jobs_of_different_warm_starts_do_not_pool(tmp_path):
     """A sweep resumed on a machine that builds another warm start: the seeds of each build pair up and their step-0
     points agree within a seed, so only the recorded start tells them apart. A comparison refuses the mix, names
     both groups, and compares one of them when asked."""
@@ -412,6 +412,10 @@ def test_jobs_of_different_warm_starts_do_not_pool(tmp_path, caplog):
     md = (tmp_path / "r1" / "learning_compare.md").read_text()
     assert parse_summary(line)["seeds"] == 1 and "- every job started from `sft-aaaaaaaaaaaaaaaa`" in md
     assert "started from another policy than --start): `igpo_seed1`" in md
+    unfinished = bench.main([*args, "--out", str(tmp_path / "r2"), "--start", "sft-bbbbbbbbbbbbbbbb", "--unfinished"])
+    assert parse_summary(unfinished)["seeds"] == 1
+    with pytest.raises(ValueError, match=r"no job started from 'sft-cccccccccccccccc'"):
+        bench.main([*args, "--out", str(tmp_path / "r3"), "--start", "sft-cccccccccccccccc", "--unfinished"])
     old = tmp_path / "old.parquet"
     raw = pd.read_parquet(path)
     raw.drop(columns=["start"]).to_parquet(old)  # keeps attrs (first_point)
